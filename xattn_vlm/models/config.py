@@ -1,0 +1,212 @@
+"""Model configurations (ml_collections): the tiny test model, OpenFlamingo and Flamingo shapes.
+
+A Flamingo config has four parts: ``lm`` (the frozen decoder), ``vision`` (the frozen ViT),
+``resampler`` and ``xattn`` (the trained parts), plus dtypes and the number of added special tokens.
+``get_model_config(name)`` returns a fresh copy of a named preset; experiments start from one and
+override what they need.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+LM_FAMILIES = ("gpt2", "llama")
+
+
+def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int,
+              mlp_dim: int, max_length: int, num_kv_heads: int | None = None,
+              head_dim: int | None = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
+              tie_word_embeddings: bool | None = None, attention_bias: bool | None = None,
+              activation: str | None = None) -> ml_collections.ConfigDict:
+  """A decoder LM config. ``gpt2``: learned positions, LayerNorm, GELU (tanh), biases, tied head.
+  ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v bias (Qwen2)."""
+  if family not in LM_FAMILIES:
+    raise ValueError(f"lm family must be one of {LM_FAMILIES}, got {family!r}")
+  gpt2 = family == "gpt2"
+  return ml_collections.ConfigDict(dict(
+      family=family,
+      vocab_size=vocab_size,
+      num_layers=num_layers,
+      embed_dim=embed_dim,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads or num_heads,
+      head_dim=head_dim or embed_dim // num_heads,
+      mlp_dim=mlp_dim,
+      max_length=max_length,
+      norm_eps=norm_eps,
+      rope_theta=rope_theta,
+      tie_word_embeddings=gpt2 if tie_word_embeddings is None else tie_word_embeddings,
+      attention_bias=gpt2 if attention_bias is None else attention_bias,
+      activation=activation or ("gelu_new" if gpt2 else "silu"),
+  ))
+
+
+def vision_config(*, image_size: int, patch_size: int, width: int, num_layers: int, num_heads: int,
+                  mlp_dim: int, activation: str = "quick_gelu", norm_eps: float = 1e-5,
+                  feature_layer: int = -1, use_post_layernorm: bool = False,
+                  include_class_token: bool = False, num_channels: int = 3,
+                  image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+                  image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+                  ) -> ml_collections.ConfigDict:
+  """A CLIP-style ViT config. ``feature_layer`` picks which block's output feeds the resampler
+  (-1: the last); ``use_post_layernorm`` applies CLIP's final LayerNorm to those features
+  (open_clip's token output, which OpenFlamingo uses, is post-LN); the class token is dropped
+  unless ``include_class_token``. Mean/std are the tower's pixel normalisation (CLIP's by default)."""
+  return ml_collections.ConfigDict(dict(
+      image_size=image_size, patch_size=patch_size, width=width, num_layers=num_layers,
+      num_heads=num_heads, mlp_dim=mlp_dim, activation=activation, norm_eps=norm_eps,
+      feature_layer=feature_layer, use_post_layernorm=use_post_layernorm,
+      include_class_token=include_class_token, num_channels=num_channels,
+      image_mean=tuple(image_mean), image_std=tuple(image_std),
+  ))
+
+
+def resampler_config(*, depth: int = 6, num_latents: int = 64, num_heads: int = 8,
+                     head_dim: int = 64, ff_mult: int = 4, activation: str = "gelu",
+                     width: int | None = None, max_num_media: int = 32,
+                     max_num_frames: int = 1) -> ml_collections.ConfigDict:
+  """Perceiver resampler. ``width`` defaults to the vision width (None); ``max_num_frames`` is the
+  number of frame-time embeddings learned (more frames at inference are interpolated)."""
+  return ml_collections.ConfigDict(dict(
+      depth=depth, num_latents=num_latents, num_heads=num_heads, head_dim=head_dim,
+      ff_mult=ff_mult, activation=activation, width=width, max_num_media=max_num_media,
+      max_num_frames=max_num_frames,
+  ), type_safe=False)
+
+
+def xattn_config(*, every_n_layers: int = 1, num_heads: int = 8, head_dim: int = 64,
+                 ff_mult: int = 4, activation: str = "gelu",
+                 only_attend_immediate_media: bool = True) -> ml_collections.ConfigDict:
+  """Gated cross-attention dense blocks: one before LM block i when (i+1) % every_n_layers == 0."""
+  return ml_collections.ConfigDict(dict(
+      every_n_layers=every_n_layers, num_heads=num_heads, head_dim=head_dim, ff_mult=ff_mult,
+      activation=activation, only_attend_immediate_media=only_attend_immediate_media,
+  ))
+
+
+def flamingo_config(*, lm, vision, resampler, xattn, num_added_tokens: int = 2,
+                    dtype: str = "float32", param_dtype: str = "float32",
+                    remat: bool = False) -> ml_collections.ConfigDict:
+  """The whole model. Added tokens get ids ``lm.vocab_size + k``: k=0 is ``<image>``, k=1 is
+  ``<|endofchunk|>``; their input and output rows train, the LM vocabulary stays frozen."""
+  return ml_collections.ConfigDict(dict(
+      lm=lm, vision=vision, resampler=resampler, xattn=xattn, num_added_tokens=num_added_tokens,
+      dtype=dtype, param_dtype=param_dtype, remat=remat,
+  ))
+
+
+CLIP_VIT_L14 = dict(image_size=224, patch_size=14, width=1024, num_layers=24, num_heads=16,
+                    mlp_dim=4096, use_post_layernorm=True)
+
+
+def tiny() -> ml_collections.ConfigDict:
+  """A few-thousand-parameter model for tests: every code path, tiny shapes."""
+  return flamingo_config(
+      lm=lm_config(family="gpt2", vocab_size=96, num_layers=2, embed_dim=32, num_heads=4,
+                   mlp_dim=64, max_length=64),
+      vision=vision_config(image_size=16, patch_size=8, width=24, num_layers=2, num_heads=2,
+                           mlp_dim=48),
+      resampler=resampler_config(depth=2, num_latents=4, num_heads=2, head_dim=8, ff_mult=2,
+                                 max_num_media=8, max_num_frames=2),
+      xattn=xattn_config(every_n_layers=1, num_heads=2, head_dim=8, ff_mult=2),
+  )
+
+
+def tiny_llama() -> ml_collections.ConfigDict:
+  """``tiny`` with a LLaMA-family LM (RoPE, RMSNorm, SwiGLU, GQA) and a block every 2nd layer."""
+  config = tiny()
+  config.lm = lm_config(family="llama", vocab_size=96, num_layers=4, embed_dim=32, num_heads=4,
+                        num_kv_heads=2, mlp_dim=64, max_length=64)
+  config.xattn.every_n_layers = 2
+  return config
+
+
+def bench_small() -> ml_collections.ConfigDict:
+  """The "bench-small" shapes of benchmarks/: GPT-2 4x256 (vocab 4096), ViT 64px/8 4x256,
+  resampler 6 x 64 latents x 8x64 heads, a gated block before every LM layer."""
+  return flamingo_config(
+      lm=lm_config(family="gpt2", vocab_size=4096, num_layers=4, embed_dim=256, num_heads=4,
+                   mlp_dim=1024, max_length=256),
+      vision=vision_config(image_size=64, patch_size=8, width=256, num_layers=4, num_heads=4,
+                           mlp_dim=1024),
+      resampler=resampler_config(depth=6, num_latents=64, num_heads=8, head_dim=64),
+      xattn=xattn_config(every_n_layers=1, num_heads=8, head_dim=64),
+  )
+
+
+def _openflamingo(lm, every_n_layers: int) -> ml_collections.ConfigDict:
+  return flamingo_config(
+      lm=lm, vision=vision_config(**CLIP_VIT_L14),
+      resampler=resampler_config(depth=6, num_latents=64, num_heads=8, head_dim=64, ff_mult=4,
+                                 activation="gelu"),
+      xattn=xattn_config(every_n_layers=every_n_layers, num_heads=8, head_dim=64, ff_mult=4),
+      dtype="bfloat16")
+
+
+def openflamingo_3b() -> ml_collections.ConfigDict:
+  """OpenFlamingo-3B shapes: MPT-1B (24 x 2048, 16 heads; as a GPT-2-family stand-in for MPT's
+  ALiBi), CLIP ViT-L/14, a gated block before every layer."""
+  return _openflamingo(lm_config(family="gpt2", vocab_size=50432, num_layers=24, embed_dim=2048,
+                                 num_heads=16, mlp_dim=8192, max_length=2048), every_n_layers=1)
+
+
+def openflamingo_4b() -> ml_collections.ConfigDict:
+  """OpenFlamingo-4B shapes: RedPajama-INCITE-3B (GPT-NeoX, 32 x 2560, 32 heads; rotary, so the
+  LLaMA family stands in with a 4x GELU-sized MLP), a gated block every 2nd layer."""
+  return _openflamingo(lm_config(family="llama", vocab_size=50432, num_layers=32, embed_dim=2560,
+                                 num_heads=32, mlp_dim=6827, max_length=2048), every_n_layers=2)
+
+
+def openflamingo_9b() -> ml_collections.ConfigDict:
+  """OpenFlamingo-9B shapes: MPT-7B (32 x 4096, 32 heads, 4x MLP), a gated block every 4th layer."""
+  return _openflamingo(lm_config(family="gpt2", vocab_size=50432, num_layers=32, embed_dim=4096,
+                                 num_heads=32, mlp_dim=16384, max_length=2048), every_n_layers=4)
+
+
+def _flamingo(lm, every_n_layers: int, xattn_heads: int) -> ml_collections.ConfigDict:
+  """Paper shapes. The NFNet-F6 encoder is not implemented: a ViT-H/14-sized tower (632M) at 320px
+  stands in; the resampler is 6 x 64 latents at width 1536 with squared ReLU."""
+  return flamingo_config(
+      lm=lm,
+      vision=vision_config(image_size=320, patch_size=14, width=1280, num_layers=32, num_heads=16,
+                           mlp_dim=5120, activation="gelu", use_post_layernorm=True),
+      resampler=resampler_config(depth=6, num_latents=64, num_heads=16, head_dim=96, ff_mult=4,
+                                 activation="squared_relu", width=1536, max_num_frames=8),
+      xattn=xattn_config(every_n_layers=every_n_layers, num_heads=xattn_heads, head_dim=128,
+                         ff_mult=4, activation="squared_relu"),
+      dtype="bfloat16")
+
+
+def flamingo_3b() -> ml_collections.ConfigDict:
+  """Flamingo-3B: a 1.4B LM (24 x 2048, 16 heads), a gated block before every layer."""
+  lm = lm_config(family="llama", vocab_size=32000, num_layers=24, embed_dim=2048, num_heads=16,
+                 mlp_dim=5461, max_length=2048)
+  return _flamingo(lm, every_n_layers=1, xattn_heads=16)
+
+
+def flamingo_9b() -> ml_collections.ConfigDict:
+  """Flamingo-9B: a 7B LM (40 x 4096, 32 heads), a gated block every 4th layer."""
+  lm = lm_config(family="llama", vocab_size=32000, num_layers=40, embed_dim=4096, num_heads=32,
+                 mlp_dim=10923, max_length=2048)
+  return _flamingo(lm, every_n_layers=4, xattn_heads=32)
+
+
+def flamingo_80b() -> ml_collections.ConfigDict:
+  """Flamingo-80B: Chinchilla 70B (80 x 8192, 64 heads), a gated block every 7th layer."""
+  lm = lm_config(family="llama", vocab_size=32000, num_layers=80, embed_dim=8192, num_heads=64,
+                 mlp_dim=21845, max_length=2048)
+  return _flamingo(lm, every_n_layers=7, xattn_heads=64)
+
+
+PRESETS = {
+    "tiny": tiny, "tiny_llama": tiny_llama, "bench_small": bench_small,
+    "openflamingo_3b": openflamingo_3b, "openflamingo_4b": openflamingo_4b,
+    "openflamingo_9b": openflamingo_9b,
+    "flamingo_3b": flamingo_3b, "flamingo_9b": flamingo_9b, "flamingo_80b": flamingo_80b,
+}
+
+
+def get_model_config(name: str) -> ml_collections.ConfigDict:
+  if name not in PRESETS:
+    raise ValueError(f"model config name must be one of {sorted(PRESETS)}, got {name!r}")
+  return PRESETS[name]()

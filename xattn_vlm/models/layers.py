@@ -1,0 +1,198 @@
+"""NNX building blocks shared by every tower: dense, embedding, norms, RoPE, MLPs, attention.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``,
+``latents``, ``media``) as ``out_sharding`` metadata; the trainer maps them to mesh axes with a
+rules table, so nothing here knows about meshes. Variables are created unsharded
+(``eager_sharding=False``): the trainer shards them through ``jax.jit(..., out_shardings=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+Shape = int | Sequence[int]
+
+# A large negative logit for masked keys: finite, so a query whose keys are all masked (a left-pad
+# position) yields a finite, ignored row instead of NaN.
+MASK_VALUE = -1e30
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+  """A parameter with logical axis names, initialised from ``rngs.params``."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match parameter shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes,
+                   eager_sharding=False)
+
+
+def _as_tuple(x: Shape) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+class Dense(nnx.Module):
+  """``y = x . kernel (+ bias)``, contracting the trailing ``in_features`` dims of x.
+
+  ``in_features`` / ``out_features`` may be tuples so attention projections keep their
+  ``[embed, heads, kv]`` structure (and their logical axes) in the kernel itself.
+  """
+
+  def __init__(self, in_features: Shape, out_features: Shape, axes: Axes, *, rngs: nnx.Rngs,
+               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               kernel_init: Callable | None = None):
+    self.in_features = _as_tuple(in_features)
+    self.out_features = _as_tuple(out_features)
+    fan_in = math.prod(self.in_features)
+    init = kernel_init or nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+    self.kernel = param(rngs, init, self.in_features + self.out_features, axes, param_dtype)
+    n_out = len(self.out_features)
+    self.bias = (param(rngs, nnx.initializers.zeros, self.out_features, axes[-n_out:], param_dtype)
+                 if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_features)
+    if x.shape[x.ndim - n_in:] != self.in_features:
+      raise ValueError(f"Dense expects trailing dims {self.in_features}, got input shape {x.shape}")
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                            (contract, ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token (or position) embedding table ``[num_embeddings, features]``; ``attend`` is the tied head."""
+
+  def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs,
+               axes: Axes = ("vocab", "embed"), dtype=jnp.float32, param_dtype=jnp.float32,
+               stddev: float = 0.02):
+    self.embedding = param(rngs, nnx.initializers.normal(stddev), (num_embeddings, features), axes,
+                           param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, use_bias: bool = True,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+                 if use_bias else None)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis (LLaMA): statistics in float32, scale applied after the cast back."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (y.astype(self.dtype) * self.scale[...].astype(self.dtype)).astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def squared_relu(x: jax.Array) -> jax.Array:
+  return jnp.square(jax.nn.relu(x))
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "squared_relu": squared_relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+  return ACTIVATIONS[name]
+
+
+class MLP(nnx.Module):
+  """Feed-forward block: ``down(act(up(x)))``, or SwiGLU-style ``down(act(gate(x)) * up(x))``."""
+
+  def __init__(self, dim: int, hidden: int, *, act: str, gated: bool, use_bias: bool,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+    self.gate = Dense(dim, hidden, ("embed", "mlp"), **kw) if gated else None
+    self.up = Dense(dim, hidden, ("embed", "mlp"), **kw)
+    self.down = Dense(hidden, dim, ("mlp", "embed"), **kw)
+    self.act = activation(act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.gate is not None:
+      return self.down(self.act(self.gate(x)) * self.up(x))
+    return self.down(self.act(self.up(x)))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the LLaMA / Hugging Face convention (rotate the two halves of head_dim).
+
+  x: [B, L, H, Dh]; positions: [B, L] int.
+  """
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None) -> jax.Array:
+  """Softmax attention with grouped-query heads.
+
+  q: [B, L, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: bool, broadcastable to
+  [B, L, S] (True = may attend). Logits and softmax in float32. Returns [B, L, H, Dh].
+  """
+  b, l, h, dh = q.shape
+  hkv = k.shape[2]
+  if h % hkv:
+    raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+  qg = q.reshape(b, l, hkv, h // hkv, dh)
+  logits = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(jnp.float32(dh))
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", weights, v)
+  return out.reshape(b, l, h, dh)
