@@ -177,6 +177,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """Position ids that skip padding: cumsum(mask) - 1, clipped at 0, so a left-padded prompt gets
+  the same positions as the prompt alone."""
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None) -> jax.Array:
   """Softmax attention with grouped-query heads.
