@@ -1,0 +1,246 @@
+"""Decoder-only language models (GPT-2 and the LLaMA family) with an explicit KV cache.
+
+The Flamingo composition freezes one of these and inserts gated cross-attention blocks between its
+layers, so the forward pass is split into pieces it can drive: ``embed_tokens`` (token table only),
+``forward_embeddings`` (the single layer loop, with a ``before_block`` hook) and ``logits``.
+
+Decoding state lives in ``LMCache``, a pytree passed in and returned, never stored on a module.
+Attention is causal over cache *slot order*: the query written at slot ``t`` sees the slots ``<= t``
+that hold real tokens. Positions (for RoPE or GPT-2's table) are always given by the caller, so a
+left-padded prompt keeps the positions it would have unpadded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from flax import struct
+
+from xattn_vlm.models import layers
+from xattn_vlm.models.config import LM_FAMILIES
+
+
+@struct.dataclass
+class LMCache:
+  """Keys and values of every self-attention layer, for prefill and step-by-step decoding.
+
+  k, v: one array per layer, each [B, S_max, Hkv, Dh] (after RoPE).
+  key_valid: bool [B, S_max], which slots hold a real (non-padding) token.
+  index: int32 scalar, the next slot to write; a call with L tokens writes [index, index + L).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  key_valid: jax.Array
+  index: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.key_valid.shape[1]
+
+
+def causal_mask(key_valid: jax.Array, index: jax.Array | int, length: int) -> jax.Array:
+  """Which keys each of ``length`` new queries may attend to. bool [B, L, S].
+
+  Query j sits at slot ``index + j`` and sees slot s iff ``s <= index + j`` and ``key_valid[:, s]``.
+  Without a cache the slots are the input positions (``index`` 0, ``key_valid`` the attention mask).
+  """
+  query_slots = index + jnp.arange(length)  # [L]
+  key_slots = jnp.arange(key_valid.shape[1])  # [S]
+  return key_valid[:, None, :] & (key_slots[None, :] <= query_slots[:, None])[None]
+
+
+class SelfAttention(nnx.Module):
+  """Causal multi-head self-attention with grouped-query heads (``num_kv_heads``) and a KV cache.
+
+  GPT-2 has biases on q, k, v and the output when ``attention_bias``; in the LLaMA family it puts
+  biases on q, k, v only (Qwen2) and rotates q and k with RoPE.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
+    d, h, hkv, dh = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    qkv_axes = ("embed", "heads", "kv")
+    self.query = layers.Dense(d, (h, dh), qkv_axes, use_bias=cfg.attention_bias, **kw)
+    self.key = layers.Dense(d, (hkv, dh), qkv_axes, use_bias=cfg.attention_bias, **kw)
+    self.value = layers.Dense(d, (hkv, dh), qkv_axes, use_bias=cfg.attention_bias, **kw)
+    self.out = layers.Dense((h, dh), d, ("heads", "kv", "embed"),
+                            use_bias=cfg.attention_bias and cfg.family == "gpt2", **kw)
+    self.rope_theta = cfg.rope_theta if cfg.family == "llama" else None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x: [B, L, D]; mask: bool [B, L, S]; kv: this layer's cache (k, v), each [B, S, Hkv, Dh].
+
+    Returns the attention output [B, L, D] and the cache with the L new keys/values written at
+    slots [index, index + L) (None without a cache).
+    """
+    q, k, v = self.query(x), self.key(x), self.value(x)  # [B, L, H or Hkv, Dh]
+    if self.rope_theta is not None:
+      q = layers.apply_rope(q, positions, self.rope_theta)
+      k = layers.apply_rope(k, positions, self.rope_theta)
+    if kv is not None:
+      k_cache, v_cache = kv
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      kv = (k, v)
+    return self.out(layers.dot_product_attention(q, k, v, mask)), kv
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  GPT-2: LayerNorm and a tanh-GELU MLP with biases. LLaMA: RMSNorm and a SwiGLU MLP without biases.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
+    gpt2 = cfg.family == "gpt2"
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    norm = layers.LayerNorm if gpt2 else layers.RMSNorm
+    self.attn_norm = norm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+    self.attn = SelfAttention(cfg, **kw)
+    self.mlp_norm = norm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+    self.mlp = layers.MLP(cfg.embed_dim, cfg.mlp_dim, act=cfg.activation, gated=not gpt2,
+                          use_bias=gpt2, **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class DecoderLM(nnx.Module):
+  """A decoder-only LM selected by ``cfg.family`` (an ``lm_config``): ``gpt2`` or ``llama``.
+
+  ``gpt2``: learned position table, LayerNorm, tanh-GELU MLP, biases, tied head by default.
+  ``llama`` (also Mistral and Qwen2): RoPE, RMSNorm, SwiGLU, grouped-query attention, optional
+  q/k/v biases, optional tied head.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat: bool = False):
+    if cfg.family not in LM_FAMILIES:
+      raise ValueError(f"cfg.family must be one of {LM_FAMILIES}, got {cfg.family!r}")
+    if cfg.num_heads % cfg.num_kv_heads:
+      raise ValueError(f"cfg.num_heads ({cfg.num_heads}) must be a multiple of cfg.num_kv_heads "
+                       f"({cfg.num_kv_heads})")
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.token_embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, **kw)
+    self.position_embed = (layers.Embed(cfg.max_length, cfg.embed_dim, axes=(None, "embed"), **kw)
+                           if cfg.family == "gpt2" else None)
+    self.blocks = nnx.List([DecoderBlock(cfg, **kw) for _ in range(cfg.num_layers)])
+    norm = layers.LayerNorm if cfg.family == "gpt2" else layers.RMSNorm
+    self.final_norm = norm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    layers.Dense(cfg.embed_dim, cfg.vocab_size, ("embed", "vocab"),
+                                 use_bias=False, **kw))
+
+  def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+    """Token-table lookup only (GPT-2's positions are added in ``forward_embeddings``). [B, L, D].
+
+    Ids must be < ``vocab_size``; that cannot be checked under jit.
+    """
+    return self.token_embed(input_ids)
+
+  def forward_embeddings(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                         cache: LMCache | None = None,
+                         before_block: Callable[[int, jax.Array], jax.Array] | None = None,
+                         ) -> tuple[jax.Array, LMCache | None]:
+    """Runs the layers over token embeddings.
+
+    Args:
+      x: token embeddings [B, L, D]: ``embed_tokens``, with Flamingo's added-token rows swapped in.
+      positions: int [B, L]; RoPE angles or GPT-2 position-table rows.
+      attention_mask: [B, L], 1 for real tokens and 0 for padding.
+      cache: if given, the L tokens are written at slots [cache.index, cache.index + L) and attend
+        to everything valid cached before them (prefill: a fresh cache; decode: L = 1). The caller
+        keeps ``cache.index + L <= cache.max_length``: under jit it cannot be checked, and a write
+        past the end would be clamped onto the last slots.
+      before_block: ``(i, h) -> h`` applied right before block i (Flamingo's gated blocks).
+
+    Returns:
+      The hidden states after the final norm [B, L, D] and the updated cache (None without one).
+    """
+    if x.ndim != 3 or x.shape[-1] != self.cfg.embed_dim:
+      raise ValueError(f"x must be [batch, length, {self.cfg.embed_dim}], got shape {x.shape}")
+    b, l, _ = x.shape
+    for name, arg in (("positions", positions), ("attention_mask", attention_mask)):
+      if arg.shape != (b, l):
+        raise ValueError(f"{name} must have shape {(b, l)} (batch, length of x), got {arg.shape}")
+    if l > self.cfg.max_length:
+      raise ValueError(f"input length {l} exceeds the model's max_length {self.cfg.max_length}")
+    valid = attention_mask.astype(bool)
+    if cache is None:
+      key_valid, index = valid, 0
+    else:
+      if cache.key_valid.shape[0] != b:
+        raise ValueError(f"cache was built for batch size {cache.key_valid.shape[0]}, but x has "
+                         f"batch size {b}")
+      if l > cache.max_length:
+        raise ValueError(f"input length {l} exceeds the cache's max_length {cache.max_length}")
+      index = cache.index
+      key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid, (0, index))
+    mask = causal_mask(key_valid, index, l)  # [B, L, S]
+
+    h = x.astype(self.dtype)
+    if self.position_embed is not None:
+      h = h + self.position_embed(positions)
+    run_block = nnx.remat(DecoderBlock.__call__) if self.remat else DecoderBlock.__call__
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      if before_block is not None:
+        h = before_block(i, h)
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      h, kv = run_block(block, h, positions, mask, kv, index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    h = self.final_norm(h)
+    if cache is None:
+      return h, None
+    return h, LMCache(k=tuple(new_k), v=tuple(new_v), key_valid=key_valid, index=index + l)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Next-token logits [B, L, vocab_size] in float32, through the tied table or ``lm_head``."""
+    if self.lm_head is None:
+      return self.token_embed.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Full causal forward without a cache: input_ids [B, L] -> logits [B, L, vocab_size].
+
+    ``attention_mask`` defaults to all ones; ``positions`` to ``layers.default_positions``, so both
+    left and right padding work.
+    """
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+      positions = layers.default_positions(attention_mask)
+    hidden, _ = self.forward_embeddings(self.embed_tokens(input_ids), positions, attention_mask)
+    return self.logits(hidden)
+
+  def init_cache(self, batch_size: int, max_length: int) -> LMCache:
+    """An empty cache of ``max_length`` slots, in the compute dtype."""
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= max_length <= self.cfg.max_length:
+      raise ValueError(f"cache max_length must be in [1, {self.cfg.max_length}] (the model's "
+                       f"max_length), got {max_length}")
+    shape = (batch_size, max_length, self.cfg.num_kv_heads, self.cfg.head_dim)
+    n = self.cfg.num_layers
+    return LMCache(k=tuple(jnp.zeros(shape, self.dtype) for _ in range(n)),
+                   v=tuple(jnp.zeros(shape, self.dtype) for _ in range(n)),
+                   key_valid=jnp.zeros((batch_size, max_length), bool),
+                   index=jnp.zeros((), jnp.int32))
