@@ -1,0 +1,113 @@
+"""Few-shot prompts: golden strings for every task at 0, 2 and 4 shots."""
+
+import pytest
+
+from xattn_vlm.eval import prompts
+
+EOC = "<|endofchunk|>"
+
+EXAMPLES = {
+    "captioning": [{"image": f"img{i}", "caption": c} for i, c in enumerate(
+        [" A dog on grass.\n", "A red bus.", "Two cats.", "A pizza.", "A kitchen."])],
+    "vqa": [{"image": f"img{i}", "question": q, "answer": a} for i, (q, a) in enumerate(
+        [("What animal is this?", "dog"), ("What color is the bus?", "red"),
+         ("How many cats?", "2"), ("What food is this?", "pizza"), ("Which room is this?", "")])],
+    "imagenet": [{"image": f"img{i}", "label": c} for i, c in enumerate(
+        ["goldfish", "tabby cat", "school bus", "pizza", ""])],
+    "hateful_memes": [{"image": f"img{i}", "ocr": o, "label": lab} for i, (o, lab) in enumerate(
+        [("have a nice day", "no"), ("you people", "yes"), ("cats rule", "no"),
+         ("monday again", "no"), ("look at this", "")])],
+    "shapes_binding": [{"image": f"img{i}", "shape": s, "color": c} for i, (s, c) in enumerate(
+        [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("star", "yellow"),
+         ("circle", "")])],
+}
+
+GOLDEN = {
+    ("captioning", 0): "Output:A dog on grass." + EOC + "Output:A red bus." + EOC
+                       + "<image>Output:",
+    ("captioning", 2): "<image>Output:A dog on grass." + EOC + "<image>Output:A red bus." + EOC
+                       + "<image>Output:",
+    ("captioning", 4): "<image>Output:A dog on grass." + EOC + "<image>Output:A red bus." + EOC
+                       + "<image>Output:Two cats." + EOC + "<image>Output:A pizza." + EOC
+                       + "<image>Output:",
+    ("vqa", 0): "Question:What animal is this? Short answer:dog" + EOC
+                + "Question:What color is the bus? Short answer:red" + EOC
+                + "<image>Question:Which room is this? Short answer:",
+    ("vqa", 2): "<image>Question:What animal is this? Short answer:dog" + EOC
+                + "<image>Question:What color is the bus? Short answer:red" + EOC
+                + "<image>Question:Which room is this? Short answer:",
+    ("vqa", 4): "<image>Question:What animal is this? Short answer:dog" + EOC
+                + "<image>Question:What color is the bus? Short answer:red" + EOC
+                + "<image>Question:How many cats? Short answer:2" + EOC
+                + "<image>Question:What food is this? Short answer:pizza" + EOC
+                + "<image>Question:Which room is this? Short answer:",
+    ("imagenet", 0): "Output:goldfish" + EOC + "Output:tabby cat" + EOC + "<image>Output:",
+    ("imagenet", 2): "<image>Output:goldfish" + EOC + "<image>Output:tabby cat" + EOC
+                     + "<image>Output:",
+    ("imagenet", 4): "<image>Output:goldfish" + EOC + "<image>Output:tabby cat" + EOC
+                     + "<image>Output:school bus" + EOC + "<image>Output:pizza" + EOC
+                     + "<image>Output:",
+    ("hateful_memes", 0):
+        "is an image with: 'have a nice day' written on it. Is it hateful? Answer:no" + EOC
+        + "is an image with: 'you people' written on it. Is it hateful? Answer:yes" + EOC
+        + "<image>is an image with: 'look at this' written on it. Is it hateful? Answer:",
+    ("hateful_memes", 2):
+        "<image>is an image with: 'have a nice day' written on it. Is it hateful? Answer:no" + EOC
+        + "<image>is an image with: 'you people' written on it. Is it hateful? Answer:yes" + EOC
+        + "<image>is an image with: 'look at this' written on it. Is it hateful? Answer:",
+    ("hateful_memes", 4):
+        "<image>is an image with: 'have a nice day' written on it. Is it hateful? Answer:no" + EOC
+        + "<image>is an image with: 'you people' written on it. Is it hateful? Answer:yes" + EOC
+        + "<image>is an image with: 'cats rule' written on it. Is it hateful? Answer:no" + EOC
+        + "<image>is an image with: 'monday again' written on it. Is it hateful? Answer:no" + EOC
+        + "<image>is an image with: 'look at this' written on it. Is it hateful? Answer:",
+    ("shapes_binding", 0): "Question:What color is the circle? Answer:red" + EOC
+                           + "Question:What color is the square? Answer:blue" + EOC
+                           + "<image>Question:What color is the circle? Answer:",
+    ("shapes_binding", 2): "<image>Question:What color is the circle? Answer:red" + EOC
+                           + "<image>Question:What color is the square? Answer:blue" + EOC
+                           + "<image>Question:What color is the circle? Answer:",
+    ("shapes_binding", 4): "<image>Question:What color is the circle? Answer:red" + EOC
+                           + "<image>Question:What color is the square? Answer:blue" + EOC
+                           + "<image>Question:What color is the triangle? Answer:green" + EOC
+                           + "<image>Question:What color is the star? Answer:yellow" + EOC
+                           + "<image>Question:What color is the circle? Answer:",
+}
+
+
+@pytest.mark.parametrize("task, shots", sorted(GOLDEN))
+def test_prompt_golden(task, shots):
+  examples = EXAMPLES[task]
+  demos = examples[:prompts.num_demonstrations(shots)]
+  prompt = prompts.build_prompt(task, examples[-1], demos, shots)
+  assert prompt.text == GOLDEN[(task, shots)]
+  # One image per image token, demonstrations first, the query last; none for text-only demos.
+  expected_images = [d["image"] for d in demos] if shots else []
+  assert prompt.images == expected_images + [examples[-1]["image"]]
+  assert prompt.text.count("<image>") == len(prompt.images)
+
+
+def test_num_demonstrations():
+  assert [prompts.num_demonstrations(s) for s in (0, 4, 8, 16, 32)] == [2, 4, 8, 16, 32]
+  with pytest.raises(ValueError, match="shots"):
+    prompts.num_demonstrations(-1)
+
+
+def test_custom_template_and_errors():
+  template = prompts.PromptTemplate("<image>Caption ({lang}): {text}<|endofchunk|>", "text")
+  query = {"image": 0, "lang": "fr"}
+  demo = {"image": 1, "lang": "fr", "text": "un chat"}
+  assert prompts.build_prompt(template, query, [demo], 1) == (
+      "<image>Caption (fr): un chat<|endofchunk|><image>Caption (fr): ", [1, 0])
+  with pytest.raises(ValueError, match="needs 2 demonstrations"):
+    prompts.build_prompt(template, query, [demo], 0)
+  with pytest.raises(KeyError, match="'lang'"):
+    prompts.build_prompt(template, {"image": 0}, [demo], 1)
+  with pytest.raises(KeyError, match="image_key"):
+    prompts.build_prompt(template, {"lang": "fr"}, [demo], 1)
+  with pytest.raises(KeyError, match="captioning"):
+    prompts.build_prompt("caption", query, [demo], 1)
+  with pytest.raises(ValueError, match="exactly one {answer}"):
+    prompts.PromptTemplate("<image>{question}", "answer")
+  with pytest.raises(ValueError, match="image token"):
+    prompts.PromptTemplate("Output:{caption}", "caption")

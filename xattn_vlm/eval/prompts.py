@@ -1,0 +1,139 @@
+"""Few-shot prompts: task templates and the k-shot prompt built from demonstrations and a query.
+
+A prompt is demonstrations followed by the query, concatenated with nothing in between, each
+demonstration a filled template ending in ``<|endofchunk|>`` and the query the same template cut
+where its answer begins, so the model writes (or scores) the answer next. At 0 shots the prompt
+still opens with 2 demonstrations, but text-only: their ``<image>`` tokens and images are left
+out (Flamingo and OpenFlamingo do this so the model sees the answer format without being shown
+an image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any, Mapping, NamedTuple, Sequence
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK = "<|endofchunk|>"
+ZERO_SHOT_TEXT_DEMONSTRATIONS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+  """A task's demonstration text with ``{field}`` slots, one of them the answer.
+
+  Attributes:
+    text: a demonstration with its answer, e.g. ``"<image>Output:{caption}<|endofchunk|>"``; it
+      holds exactly one image token.
+    answer_field: the slot the model fills; the query is ``text`` cut just before it.
+    image_token: the token marking where the example's image sits.
+  """
+  text: str
+  answer_field: str
+  image_token: str = IMAGE_TOKEN
+
+  def __post_init__(self):
+    fields = self.fields
+    if fields.count(self.answer_field) != 1:
+      raise ValueError(f"template {self.text!r} must have exactly one {{{self.answer_field}}} slot "
+                       f"(answer_field), found fields {fields}")
+    if self.text.count(self.image_token) != 1:
+      raise ValueError(f"template {self.text!r} must hold the image token {self.image_token!r} "
+                       f"exactly once, found it {self.text.count(self.image_token)} times")
+
+  @property
+  def fields(self) -> list[str]:
+    """The slot names in order of appearance."""
+    return [name for _, name, _, _ in string.Formatter().parse(self.text) if name is not None]
+
+  def _fill(self, text: str, example: Mapping[str, Any]) -> str:
+    values = {}
+    for name in [n for _, n, _, _ in string.Formatter().parse(text) if n is not None]:
+      if name not in example:
+        raise KeyError(f"the template {self.text!r} needs field {name!r}, but the example only has "
+                       f"{sorted(example)}")
+      # Stripped as OpenFlamingo strips captions: stray whitespace must not reach the prompt.
+      values[name] = str(example[name]).strip()
+    return text.format(**values)
+
+  def demonstration(self, example: Mapping[str, Any]) -> str:
+    """The template filled from ``example``, answer included."""
+    return self._fill(self.text, example)
+
+  def query(self, example: Mapping[str, Any]) -> str:
+    """The template filled from ``example`` up to the answer, which is left for the model."""
+    return self._fill(self.text[:self.text.index("{" + self.answer_field + "}")], example)
+
+
+# OpenFlamingo's prompts (REFERENCE.md). Its code ends every demonstration with <|endofchunk|>,
+# the ImageNet and Hateful Memes ones included.
+TEMPLATES: dict[str, PromptTemplate] = {
+    "captioning": PromptTemplate(f"{IMAGE_TOKEN}Output:{{caption}}{END_OF_CHUNK}", "caption"),
+    "vqa": PromptTemplate(
+        f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK}", "answer"),
+    "imagenet": PromptTemplate(f"{IMAGE_TOKEN}Output:{{label}}{END_OF_CHUNK}", "label"),
+    "hateful_memes": PromptTemplate(
+        f"{IMAGE_TOKEN}is an image with: '{{ocr}}' written on it. Is it hateful? "
+        f"Answer:{{label}}{END_OF_CHUNK}", "label"),
+    # Our synthetic shapes world: which colour is bound to which shape in the picture.
+    "shapes_binding": PromptTemplate(
+        f"{IMAGE_TOKEN}Question:What color is the {{shape}}? Answer:{{color}}{END_OF_CHUNK}",
+        "color"),
+}
+
+
+class Prompt(NamedTuple):
+  """The prompt text and its images, in the order of the image tokens in the text."""
+  text: str
+  images: list
+
+
+def num_demonstrations(shots: int) -> int:
+  """How many demonstrations a ``shots``-shot prompt holds: ``shots``, or 2 text-only at 0 shots."""
+  if shots < 0:
+    raise ValueError(f"shots must be >= 0, got {shots}")
+  return shots if shots > 0 else ZERO_SHOT_TEXT_DEMONSTRATIONS
+
+
+def build_prompt(template: PromptTemplate | str, query: Mapping[str, Any],
+                 demonstrations: Sequence[Mapping[str, Any]], shots: int, *,
+                 image_key: str = "image") -> Prompt:
+  """The ``shots``-shot prompt for ``query``.
+
+  Args:
+    template: a ``PromptTemplate`` or the name of one in ``TEMPLATES``.
+    query: the example to answer: its template fields except the answer, and its image.
+    demonstrations: ``num_demonstrations(shots)`` examples with every field and (unless
+      ``shots == 0``) an image, in prompt order.
+    shots: the number of in-context images; 0 makes the demonstrations text-only.
+    image_key: the key of each example's image (any object: array, path, id).
+
+  Returns:
+    The text, and the images of the demonstrations (none at 0 shots) followed by the query's.
+  """
+  if isinstance(template, str):
+    if template not in TEMPLATES:
+      raise KeyError(f"template must be a PromptTemplate or one of {sorted(TEMPLATES)}, "
+                     f"got {template!r}")
+    template = TEMPLATES[template]
+  expected = num_demonstrations(shots)
+  if len(demonstrations) != expected:
+    raise ValueError(f"a {shots}-shot prompt needs {expected} demonstrations"
+                     f"{' (text-only)' if shots == 0 else ''}, got {len(demonstrations)}")
+  texts = [template.demonstration(demo) for demo in demonstrations]
+  images = []
+  if shots == 0:
+    texts = [text.replace(template.image_token, "") for text in texts]
+  else:
+    images = [_image(demo, image_key, f"demonstrations[{i}]")
+              for i, demo in enumerate(demonstrations)]
+  images.append(_image(query, image_key, "query"))
+  return Prompt("".join(texts) + template.query(query), images)
+
+
+def _image(example: Mapping[str, Any], image_key: str, name: str):
+  if image_key not in example:
+    raise KeyError(f"{name} has no image under image_key={image_key!r}; "
+                   f"its keys: {sorted(example)}")
+  return example[image_key]
