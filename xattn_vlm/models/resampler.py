@@ -1,0 +1,170 @@
+"""The Perceiver resampler (Flamingo, Alayrac et al. 2022, section 2.1 and appendix A.1.1).
+
+It turns the variable number of vision features of one medium (an image, or all frames of a video)
+into a fixed set of ``num_latents`` tokens that the gated cross-attention blocks read. Learned
+latents attend to ``concat(media tokens, latents)``; learned frame-time and media-time embeddings
+are the only position information (no spatial encoding, as in the paper). Each medium is resampled
+on its own: no attention crosses media.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from xattn_vlm.models.layers import MLP, Dense, LayerNorm, dot_product_attention, param
+
+NORM_EPS = 1e-5  # torch's LayerNorm default, which the reference implementations use
+
+
+def interpolate_frame_embeddings(table: jax.Array, num_frames: int) -> jax.Array:
+  """``num_frames`` frame-time embeddings from a learned ``[max_num_frames, D]`` table.
+
+  Up to ``max_num_frames`` frames use the first rows. More frames (inference on longer clips than
+  training, as Flamingo does with 30 frames after training on 8) get the table linearly
+  interpolated to ``num_frames`` evenly spaced points, so the first and last frames get exactly
+  the first and last learned rows.
+  """
+  max_frames = table.shape[0]
+  if num_frames <= max_frames:
+    return table[:num_frames]
+  position = jnp.linspace(0.0, max_frames - 1, num_frames)  # [F] in table coordinates
+  lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, max_frames - 1)
+  upper = jnp.minimum(lower + 1, max_frames - 1)
+  frac = (position - lower)[:, None].astype(table.dtype)
+  return table[lower] * (1 - frac) + table[upper] * frac
+
+
+class PerceiverAttention(nnx.Module):
+  """Latents attend to ``concat(media tokens, latents)``; q/k/v/out projections have no bias."""
+
+  def __init__(self, width: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, dtype,
+               param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.norm_media = LayerNorm(width, eps=NORM_EPS, **kw)
+    self.norm_latents = LayerNorm(width, eps=NORM_EPS, **kw)
+    heads = (num_heads, head_dim)
+    self.to_q = Dense(width, heads, ("embed", "heads", "kv"), use_bias=False, **kw)
+    self.to_k = Dense(width, heads, ("embed", "heads", "kv"), use_bias=False, **kw)
+    self.to_v = Dense(width, heads, ("embed", "heads", "kv"), use_bias=False, **kw)
+    self.to_out = Dense(heads, width, ("heads", "kv", "embed"), use_bias=False, **kw)
+
+  def __call__(self, media: jax.Array, latents: jax.Array,
+               media_mask: jax.Array | None) -> jax.Array:
+    """media: [M, S, D]; latents: [M, n, D]; media_mask: bool [M, S] or None. Returns [M, n, D]."""
+    media = self.norm_media(media)
+    latents = self.norm_latents(latents)
+    kv_input = jnp.concatenate([media, latents], axis=1)  # [M, S + n, D]
+    mask = None
+    if media_mask is not None:
+      # The latents are always valid keys, so no query row is ever fully masked.
+      latent_keys = jnp.ones(latents.shape[:2], bool)
+      mask = jnp.concatenate([media_mask, latent_keys], axis=1)[:, None, :]  # [M, 1, S + n]
+    out = dot_product_attention(self.to_q(latents), self.to_k(kv_input), self.to_v(kv_input), mask)
+    return self.to_out(out)
+
+
+class FeedForward(nnx.Module):
+  """``mlp(norm(x))`` with bias-free projections, as in the Flamingo resampler."""
+
+  def __init__(self, width: int, ff_mult: int, act: str, *, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.norm = LayerNorm(width, eps=NORM_EPS, **kw)
+    self.mlp = MLP(width, ff_mult * width, act=act, gated=False, use_bias=False, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.mlp(self.norm(x))
+
+
+class PerceiverResamplerLayer(nnx.Module):
+  """``latents += attn(media, latents)``; ``latents += ff(latents)``."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, width: int, *, rngs: nnx.Rngs, dtype,
+               param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.attn = PerceiverAttention(width, cfg.num_heads, cfg.head_dim, **kw)
+    self.ff = FeedForward(width, cfg.ff_mult, cfg.activation, **kw)
+
+  def __call__(self, media: jax.Array, latents: jax.Array,
+               media_mask: jax.Array | None) -> jax.Array:
+    latents = latents + self.attn(media, latents, media_mask)
+    return latents + self.ff(latents)
+
+
+class PerceiverResampler(nnx.Module):
+  """``features [B, T, F, P, input_dim] -> latents [B, T, num_latents, width]``.
+
+  B samples, T media per sample, F frames per medium (1 for images), P vision tokens per frame.
+  The width is ``cfg.width`` or, when that is None, ``input_dim``. When the two differ a bias-free
+  input projection maps the features to the width first: the latents, the attention residual
+  stream and the keys/values all live at one width (Flamingo runs its resampler at 1536 wide over
+  wider vision features).
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, input_dim: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    width = cfg.width or input_dim
+    self.input_dim = input_dim
+    self.width = width
+    self.dtype = dtype
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.input_proj = (Dense(input_dim, width, (None, "embed"), use_bias=False, **kw)
+                       if width != input_dim else None)
+    # Latents start at unit scale as in the reference implementations; the time embeddings start
+    # small so that at initialisation they barely move the (LayerNorm-scale) vision features.
+    self.latents = param(rngs, nnx.initializers.normal(1.0), (cfg.num_latents, width),
+                         ("latents", "embed"), param_dtype)
+    self.frame_embs = param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_frames, width),
+                            (None, "embed"), param_dtype)
+    self.media_time_embs = param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_media, width),
+                                 ("media", "embed"), param_dtype)
+    self.layers = nnx.List([PerceiverResamplerLayer(cfg, width, **kw) for _ in range(cfg.depth)])
+    self.norm = LayerNorm(width, eps=NORM_EPS, **kw)
+
+  def __call__(self, features: jax.Array, media_mask: jax.Array | None = None) -> jax.Array:
+    """features: [B, T, F, P, input_dim], or [B, T, P, input_dim] for images (one frame each:
+    an image is exactly a 1-frame video, frame-time embedding 0 included).
+
+    media_mask: optional bool ``[B, T, F]`` (or ``[B, T]``, broadcast over frames), True where a
+    frame is real. Tokens of masked frames (padding of shorter videos, or padded media slots) are
+    not attended to; a fully masked medium's latents are computed from the latents alone and stay
+    finite. Frame-time embeddings are indexed by position in the padded F axis.
+    """
+    if features.ndim not in (4, 5) or features.shape[-1] != self.input_dim:
+      raise ValueError(f"features must have shape [B, T, F, P, {self.input_dim}] (or "
+                       f"[B, T, P, {self.input_dim}] for images; input_dim={self.input_dim}), got "
+                       f"{tuple(features.shape)}")
+    if features.ndim == 4:
+      features = features[:, :, None]
+    b, t, f, p, _ = features.shape
+    max_num_media = self.media_time_embs.shape[0]
+    if t > max_num_media:
+      raise ValueError(f"features hold {t} media per sample (axis 1 of shape "
+                       f"{tuple(features.shape)}), more than max_num_media={max_num_media}")
+    if media_mask is not None:
+      if media_mask.shape == (b, t):
+        media_mask = media_mask[:, :, None]
+      if media_mask.shape not in ((b, t, f), (b, t, 1)):
+        raise ValueError(f"media_mask must have shape [B, T, F]={(b, t, f)} or [B, T]={(b, t)} "
+                         f"for features of shape {tuple(features.shape)}, got "
+                         f"{tuple(media_mask.shape)}")
+      # Every token of a frame shares the frame's flag.
+      media_mask = jnp.broadcast_to(media_mask.astype(bool)[..., None], (b, t, f, p))
+      media_mask = media_mask.reshape(b * t, f * p)
+
+    x = features.astype(self.dtype)
+    if self.input_proj is not None:
+      x = self.input_proj(x)
+    frame_embs = interpolate_frame_embeddings(self.frame_embs[...], f).astype(self.dtype)
+    x = x + frame_embs[:, None, :]  # [F, 1, D] over [B, T, F, P, D]
+    x = x.reshape(b, t, f * p, self.width)  # all frames of one medium form one key sequence
+    x = x + self.media_time_embs[:t].astype(self.dtype)[:, None, :]  # [T, 1, D]
+
+    media = x.reshape(b * t, f * p, self.width)  # media resampled independently
+    latents = jnp.broadcast_to(self.latents[...].astype(self.dtype),
+                               (b * t,) + self.latents.shape)
+    for layer in self.layers:
+      latents = layer(media, latents, media_mask)
+    return self.norm(latents).reshape(b, t, -1, self.width)
