@@ -351,6 +351,7 @@ def _singularize(word: str) -> str:
 
 
 def _stem_word(word: str) -> str:
+  """One lower-case word in OK-VQA's stemmed form: the first rule that applies wins."""
   if word in _OK_VQA_WORDS:
     return _OK_VQA_WORDS[word]
   if word.endswith("'s"):
