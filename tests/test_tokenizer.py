@@ -1,0 +1,116 @@
+"""Tokenizer: added tokens at lm_vocab_size + k, round trips, the cached default BPE, HF folders."""
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+
+from xattn_vlm.data import shapes_world
+from xattn_vlm.data import tokenizer as tokenizer_lib
+from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
+
+TEXTS = ["A large red striped star on the left.",
+         "Question:What colour is the circle? Short answer:blue",
+         "<image>This is a dax.<|endofchunk|><image>What is this? It is a dax.<|endofchunk|>",
+         "  odd   spacing, UPPER case, digits 12345 and unicode: café ☃ 形状<|endoftext|>"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tok(cache):
+  return default_tokenizer(cache_dir=cache)
+
+
+def test_default_tokenizer_special_tokens(tok):
+  assert tok.lm_vocab_size == tokenizer_lib.DEFAULT_VOCAB_SIZE == 1024
+  assert tok.vocab_size == tok.lm_vocab_size + 2
+  assert (tok.media_token_id, tok.eoc_token_id) == (tok.lm_vocab_size, tok.lm_vocab_size + 1)
+  assert tok.encode("<image>") == [tok.media_token_id]
+  assert tok.encode("<|endofchunk|>") == [tok.eoc_token_id]
+  assert tok.encode("<|endoftext|>") == [tok.eos_token_id] == [0]
+  assert tok.pad_token_id == tok.eos_token_id and tok.bos_token_id is None
+  assert tok.decode([tok.media_token_id, tok.eoc_token_id]) == "<image><|endofchunk|>"
+  # The world's words are single tokens: the BPE really was learned on its text.
+  assert len(tok.encode(" triangle")) == 1 and len(tok.encode(" purple")) == 1
+
+
+def test_round_trip_and_skipping_special_tokens(tok):
+  for text in TEXTS + [shapes_world.text_example("test", 1, i)["text"] for i in range(20)]:
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+    assert tok.decode(np.asarray(ids, np.int32)) == text
+  assert tok.decode(tok.encode(TEXTS[2]), skip_special_tokens=True) == (
+      "This is a dax.What is this? It is a dax.")
+  with pytest.raises(ValueError, match=r"ids must be in \[0, vocab_size=1026\), got \[1026\]"):
+    tok.decode([5, 1026])
+  with pytest.raises(ValueError, match="1-D"):
+    tok.decode([[1, 2]])
+
+
+def test_default_tokenizer_is_deterministic_and_cached(cache, tok, tmp_path, monkeypatch):
+  other = default_tokenizer(cache_dir=tmp_path)
+  (first,) = cache.glob("shapes_bpe_*.json")
+  (second,) = tmp_path.glob("shapes_bpe_*.json")
+  assert first.name == second.name and first.read_bytes() == second.read_bytes()
+  assert other.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+
+  def no_training():
+    raise AssertionError("the cached tokenizer was retrained")
+  monkeypatch.setattr(tokenizer_lib, "train_default_tokenizer", no_training)
+  assert default_tokenizer(cache_dir=cache).encode(TEXTS[1]) == tok.encode(TEXTS[1])
+  monkeypatch.setenv(tokenizer_lib.CACHE_ENV, str(cache))
+  assert default_tokenizer().encode(TEXTS[1]) == tok.encode(TEXTS[1])
+
+
+@pytest.fixture(scope="module")
+def hf_folder(cache, tok, tmp_path_factory):
+  """The default tokenizer saved as a Hugging Face folder."""
+  folder = tmp_path_factory.mktemp("hf")
+  (path,) = cache.glob("shapes_bpe_*.json")
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizers.Tokenizer.from_file(str(path)), eos_token="<|endoftext|>")
+  fast.save_pretrained(folder)
+  return folder
+
+
+def test_from_pretrained_matches_default(hf_folder, tok):
+  hf = Tokenizer.from_pretrained(hf_folder)
+  assert (hf.lm_vocab_size, hf.media_token_id, hf.eoc_token_id, hf.eos_token_id) == (
+      tok.lm_vocab_size, tok.media_token_id, tok.eoc_token_id, tok.eos_token_id)
+  for text in TEXTS:
+    assert hf.encode(text) == tok.encode(text)
+    assert hf.decode(hf.encode(text)) == text
+
+
+def test_padded_vocabulary_remaps_added_tokens(hf_folder, tok):
+  """Qwen2-style: the checkpoint has more rows (1100) than the tokenizer has tokens (1026)."""
+  hf = Tokenizer.from_pretrained(hf_folder, lm_vocab_size=1100)
+  assert (hf.media_token_id, hf.eoc_token_id, hf.vocab_size) == (1100, 1101, 1102)
+  ids = hf.encode(TEXTS[2])
+  assert ids.count(1100) == 2 and ids.count(1101) == 2
+  assert tok.media_token_id not in ids and tok.eoc_token_id not in ids
+  assert [i for i in ids if i < 1024] == [i for i in tok.encode(TEXTS[2]) if i < 1024]
+  assert hf.decode(ids) == TEXTS[2]
+  with pytest.raises(ValueError, match="lm_vocab_size must be at least 1024"):
+    Tokenizer.from_pretrained(hf_folder, lm_vocab_size=1000)
+
+
+def test_tokens_are_added_to_a_tokenizer_without_them(tmp_path):
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+  raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>").save_pretrained(tmp_path)
+  tok = Tokenizer.from_pretrained(tmp_path)
+  assert (tok.lm_vocab_size, tok.media_token_id, tok.eoc_token_id) == (5, 5, 6)
+  assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+  assert tok.encode("hello <image> world <|endofchunk|>") == [3, 5, 4, 6]
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    Tokenizer.from_pretrained(tmp_path / "missing")
+  with pytest.raises(ValueError, match="eos_token must name a token"):
+    Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0}, unk_token="a")))

@@ -1,0 +1,158 @@
+"""Interleaved image-text documents -> fixed-size model inputs, with Flamingo's label mask.
+
+Layout (OpenFlamingo's): the text before the first image as is; then, for each image, ``<image>``,
+the text that follows it and ``<|endofchunk|>``; EOS at the end of the document (after BOS when the
+tokenizer has one). An image-text pair is ``<image>{caption}<|endofchunk|>{eos}``.
+
+Which tokens are supervised is decided in one place, ``supervised_mask``:
+  * ignored: padding, ``<image>`` tokens, everything before the first ``<image>``, and everything
+    after an ``<|endofchunk|>`` until the next ``<image>``;
+  * supervised: the text of each chunk and the ``<|endofchunk|>`` that closes it (predicting it is
+    how the model learns to stop);
+  * so the final EOS, which follows the last ``<|endofchunk|>``, is ignored. The model never needs
+    it: generation stops at ``<|endofchunk|>``, and what follows a chunk (more text, another image
+    or the end) is the document's business, not the image's. OpenFlamingo trains the same way.
+A document may have no supervised token (no image, or cut right after ``<image>``); the loss must
+then use a safe denominator, ``max(count, 1)``, so it contributes zero and not NaN.
+
+Truncation keeps the document's beginning and never separates an image from its token:
+  * images beyond ``max_images`` are dropped with their ``<image>``, their text and their
+    ``<|endofchunk|>``: that text describes a dropped image, and attached to the previous chunk it
+    would teach the model to describe the wrong image. The shorter document still ends with EOS.
+  * then the tokens are cut at ``max_tokens``; an image whose ``<image>`` token was cut is dropped.
+    The last chunk may lose its tail (and its ``<|endofchunk|>``); what is left stays supervised.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+def supervised_mask(input_ids, media_token_id: int, eoc_token_id: int,
+                    attention_mask) -> np.ndarray:
+  """Boolean mask of the tokens the LM loss is computed on (the rule in the module docstring).
+
+  ``input_ids`` and ``attention_mask`` are [..., T] (1/True on real tokens, 0/False on padding);
+  token t is supervised when it is a real token, not ``<image>``, and the latest ``<image>`` at or
+  before t comes after the latest ``<|endofchunk|>`` strictly before t.
+  """
+  ids = np.asarray(input_ids)
+  valid = np.asarray(attention_mask).astype(bool)
+  if ids.shape != valid.shape or ids.ndim == 0:
+    raise ValueError(f"input_ids and attention_mask must have the same shape [..., T], got "
+                     f"{ids.shape} and {valid.shape}")
+  positions = np.broadcast_to(np.arange(ids.shape[-1]), ids.shape)
+  is_media = ids == media_token_id
+  last_media = np.maximum.accumulate(np.where(is_media, positions, -1), axis=-1)
+  last_eoc = np.maximum.accumulate(np.where(ids == eoc_token_id, positions, -1), axis=-1)
+  eoc_before = np.concatenate([np.full_like(last_eoc[..., :1], -1), last_eoc[..., :-1]], axis=-1)
+  return (last_media > eoc_before) & ~is_media & valid
+
+
+def map_images(chunks: Sequence, fn: Callable) -> list:
+  """The document with ``fn`` applied to every image chunk (text chunks unchanged), e.g.
+  ``functools.partial(images.preprocess_image, size=..., mean=..., std=...)``."""
+  return [chunk if isinstance(chunk, str) else fn(chunk) for chunk in chunks]
+
+
+def _check_limits(max_tokens: int, max_images: int | None = None) -> None:
+  if max_tokens < 1:
+    raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+  if max_images is not None and max_images < 0:
+    raise ValueError(f"max_images must be >= 0, got {max_images}")
+
+
+def _frames(chunk, image_shape: tuple[int, int, int, int], index: int) -> np.ndarray:
+  """An image chunk as float32 [F, H, W, C]; [H, W, C] means one frame."""
+  image = np.asarray(chunk)
+  if not np.issubdtype(image.dtype, np.floating):
+    raise ValueError(f"chunk {index}: images must be preprocessed float arrays "
+                     f"(images.preprocess_image), got dtype {image.dtype}")
+  if image.ndim == 3:
+    image = image[None]
+  if image.shape != tuple(image_shape):
+    raise ValueError(f"chunk {index}: image must have shape [F, H, W, C] = {tuple(image_shape)} "
+                     f"([H, W, C] when F = 1), got {np.shape(chunk)}")
+  return image.astype(np.float32)
+
+
+def _encode_text(tokenizer, texts: list[str], where: str) -> list[int]:
+  ids = tokenizer.encode("".join(texts))
+  if tokenizer.media_token_id in ids or tokenizer.eoc_token_id in ids:
+    raise ValueError(f"the text {where} contains <image> or <|endofchunk|>: the layout adds "
+                     "them, so pass images as array chunks and leave these strings out of text")
+  return ids
+
+
+def _pad(ids: list[int], length: int, fill: int) -> np.ndarray:
+  out = np.full(length, fill, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
+def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: int,
+                  image_shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
+  """Tokens, labels and images of one interleaved document, padded to fixed sizes.
+
+  ``chunks`` is the document in order: ``str`` text and preprocessed float images ([F, H, W, C],
+  or [H, W, C] for F = 1, matching ``image_shape``). Returns ``input_ids``, ``attention_mask`` and
+  ``labels`` (the id where supervised, ``IGNORE_INDEX`` elsewhere; the loss shifts), int32
+  [max_tokens]; ``images`` float32 [max_images, F, H, W, C], zero past the last image;
+  ``media_mask`` bool [max_images]; ``num_images`` int32 []. Layout, label rule and truncation
+  policy: see the module docstring.
+  """
+  _check_limits(max_tokens, max_images)
+  if len(image_shape) != 4 or min(image_shape) < 1:
+    raise ValueError(f"image_shape must be (F, H, W, C) of positive sizes, got {image_shape}")
+  prefix: list[str] = []
+  media: list[tuple[np.ndarray, list[str]]] = []  # (image, the text that follows it)
+  for index, chunk in enumerate(chunks):
+    if isinstance(chunk, str):
+      (media[-1][1] if media else prefix).append(chunk)
+    else:
+      media.append((_frames(chunk, image_shape, index), []))
+
+  ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+  ids += _encode_text(tokenizer, prefix, "before the first image")
+  for k, (_, texts) in enumerate(media[:max_images]):
+    ids += [tokenizer.media_token_id, *_encode_text(tokenizer, texts, f"after image {k}"),
+            tokenizer.eoc_token_id]
+  ids = (ids + [tokenizer.eos_token_id])[:max_tokens]
+  num_images = ids.count(tokenizer.media_token_id)
+
+  attention_mask = _pad([1] * len(ids), max_tokens, 0)
+  input_ids = _pad(ids, max_tokens, tokenizer.pad_token_id)
+  mask = supervised_mask(input_ids, tokenizer.media_token_id, tokenizer.eoc_token_id,
+                         attention_mask)
+  images = np.zeros((max_images, *image_shape), np.float32)
+  for k in range(num_images):
+    images[k] = media[k][0]
+  return {
+      "input_ids": input_ids,
+      "attention_mask": attention_mask,
+      "labels": np.where(mask, input_ids, IGNORE_INDEX).astype(np.int32),
+      "images": images,
+      "media_mask": np.arange(max_images) < num_images,
+      "num_images": np.asarray(num_images, np.int32),
+  }
+
+
+def build_text_example(text: str, tokenizer, *, max_tokens: int) -> dict[str, np.ndarray]:
+  """A text-only example for LM pretraining (no images): ``[bos] text eos`` cut at ``max_tokens``,
+  every real token supervised. Returns int32 [max_tokens] ``input_ids``, ``attention_mask`` and
+  ``labels`` as ``build_example`` does. The text must not contain the added special tokens: the
+  LM being pretrained does not have them yet."""
+  _check_limits(max_tokens)
+  ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+  ids += _encode_text(tokenizer, [text], "of a text-only example")
+  ids = (ids + [tokenizer.eos_token_id])[:max_tokens]
+  input_ids = _pad(ids, max_tokens, tokenizer.pad_token_id)
+  return {
+      "input_ids": input_ids,
+      "attention_mask": _pad([1] * len(ids), max_tokens, 0),
+      "labels": _pad(ids, max_tokens, IGNORE_INDEX),
+  }
