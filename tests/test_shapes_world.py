@@ -1,4 +1,4 @@
-"""The shapes world: determinism, balance, held-out combinations, binding episodes, disjoint splits."""
+"""Shapes world: determinism, balance, held-out pairs, binding episodes, disjoint splits."""
 
 import collections
 import hashlib

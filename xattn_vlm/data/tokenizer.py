@@ -56,7 +56,7 @@ class Tokenizer:
       else:
         tokenizer.add_tokens(added, special_tokens=True)
       vocab = self._vocab()
-    self._raw_added_ids = tuple(vocab[t] for t in ADDED_TOKENS)
+    raw_added_ids = tuple(vocab[t] for t in ADDED_TOKENS)
 
     required = 1 + max(i for t, i in vocab.items() if t not in ADDED_TOKENS)
     if lm_vocab_size is None:
@@ -68,7 +68,7 @@ class Tokenizer:
     self.vocab_size = self.lm_vocab_size + len(ADDED_TOKENS)
     self.media_token_id = self.lm_vocab_size
     self.eoc_token_id = self.lm_vocab_size + 1
-    self._to_model = dict(zip(self._raw_added_ids, (self.media_token_id, self.eoc_token_id)))
+    self._to_model = dict(zip(raw_added_ids, (self.media_token_id, self.eoc_token_id)))
     self._to_raw = {m: r for r, m in self._to_model.items()}
 
     if eos_token is None:
