@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from xattn_vlm.models.config import vision_config
+from xattn_vlm.models.config import lm_config, vision_config
+from xattn_vlm.models.lm import DecoderLM
 from xattn_vlm.models.vision import VisionEncoder
 
 SAFETENSORS = "model.safetensors"
@@ -72,13 +73,17 @@ class Checkpoint:
 
 
 def assign(variable: nnx.Variable, value, name: str) -> None:
-  """Writes ``value`` into ``variable`` (cast to its dtype) after checking the shape."""
+  """Writes ``value`` into ``variable`` (cast to its dtype) after checking the shape.
+
+  ``variable`` may be abstract (from ``nnx.eval_shape``): it then gets its first concrete value,
+  so a large model is loaded without materialising random weights first.
+  """
   value = jnp.asarray(value)
-  target = variable[...]
+  target = variable.get_value()
   if value.shape != target.shape:
     raise ValueError(f"shape mismatch for tensor {name!r}: checkpoint has {tuple(value.shape)}, "
                      f"model expects {tuple(target.shape)}")
-  variable[...] = value.astype(target.dtype)
+  variable.set_value(value.astype(target.dtype))
 
 
 def as_numpy(x) -> np.ndarray:
@@ -224,3 +229,178 @@ def load_hf_vision_weights(encoder: VisionEncoder, path: str | pathlib.Path) -> 
     _load_linear(block.mlp.down, ckpt, f"{name}.mlp.fc2")
   if encoder.post_layernorm is not None:
     _load_layer_norm(encoder.post_layernorm, ckpt, f"{prefix}post_layernorm")
+
+
+# --- Decoder LMs: Hugging Face GPT-2, LLaMA, Mistral and Qwen2 ---
+
+HF_LM_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def _hf_field(hf_config: dict, key: str):
+  if key not in hf_config:
+    raise ValueError(f"config.json of a {hf_config.get('model_type')!r} model lacks {key!r}")
+  return hf_config[key]
+
+
+def _gpt2_config(hf_config: dict) -> ml_collections.ConfigDict:
+  for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                         ("add_cross_attention", False)):
+    if hf_config.get(key, supported) != supported:
+      raise NotImplementedError(f"GPT-2 config.json sets {key}={hf_config[key]!r}; only "
+                                f"{supported} is supported")
+  embed_dim = _hf_field(hf_config, "n_embd")
+  return lm_config(
+      family="gpt2", vocab_size=_hf_field(hf_config, "vocab_size"),
+      num_layers=_hf_field(hf_config, "n_layer"), embed_dim=embed_dim,
+      num_heads=_hf_field(hf_config, "n_head"),
+      mlp_dim=hf_config.get("n_inner") or 4 * embed_dim,
+      max_length=_hf_field(hf_config, "n_positions"),
+      norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+      tie_word_embeddings=hf_config.get("tie_word_embeddings", True), attention_bias=True,
+      activation=hf_config.get("activation_function", "gelu_new"))
+
+
+def _llama_config(hf_config: dict) -> ml_collections.ConfigDict:
+  model_type = hf_config["model_type"]
+  # transformers 5 writes rope_parameters; older config.json files rope_theta and rope_scaling.
+  rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise NotImplementedError(f"{model_type} config.json sets rope_type {rope_type!r}; only "
+                              "'default' RoPE is supported")
+  if hf_config.get("mlp_bias"):
+    raise NotImplementedError(f"{model_type} config.json sets mlp_bias=True; only MLPs without "
+                              "biases are supported")
+  if model_type == "llama" and hf_config.get("attention_bias"):
+    raise NotImplementedError("llama config.json sets attention_bias=True, which also puts a bias "
+                              "on o_proj; only q/k/v biases (Qwen2) are supported")
+  max_length = _hf_field(hf_config, "max_position_embeddings")
+  window = hf_config.get("sliding_window")
+  if model_type == "qwen2" and not hf_config.get("use_sliding_window"):
+    window = None
+  if window:
+    # Up to the window's length a sliding window masks nothing, so cap the context there.
+    max_length = min(max_length, window)
+  embed_dim = _hf_field(hf_config, "hidden_size")
+  num_heads = _hf_field(hf_config, "num_attention_heads")
+  return lm_config(
+      family="llama", vocab_size=_hf_field(hf_config, "vocab_size"),
+      num_layers=_hf_field(hf_config, "num_hidden_layers"), embed_dim=embed_dim,
+      num_heads=num_heads, num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
+      head_dim=hf_config.get("head_dim") or embed_dim // num_heads,
+      mlp_dim=_hf_field(hf_config, "intermediate_size"), max_length=max_length,
+      norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+      rope_theta=rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)),
+      tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
+      attention_bias=model_type == "qwen2", activation=hf_config.get("hidden_act", "silu"))
+
+
+def lm_config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
+  """Our ``lm_config`` from a Hugging Face ``config.json`` dict.
+
+  ``gpt2`` maps to the ``gpt2`` family; ``llama``, ``mistral`` and ``qwen2`` to ``llama`` (Qwen2 with
+  q/k/v biases). A sliding attention window caps ``max_length`` at the window, since up to that
+  length it masks nothing. Features outside these families raise ``NotImplementedError``.
+  """
+  model_type = hf_config.get("model_type")
+  if model_type not in HF_LM_MODEL_TYPES:
+    raise ValueError(f"config.json model_type must be one of {HF_LM_MODEL_TYPES} for a decoder "
+                     f"LM, got {model_type!r}")
+  return _gpt2_config(hf_config) if model_type == "gpt2" else _llama_config(hf_config)
+
+
+def _lm_prefix(ckpt: Checkpoint, prefix: str, probe: str, family: str) -> str:
+  """``prefix`` if the checkpoint names its base-model tensors with it (``*ForCausalLM``), else ''."""
+  for candidate in (prefix, ""):
+    if candidate + probe in ckpt:
+      return candidate
+  raise KeyError(f"tensor {prefix + probe!r} (or {probe!r}) not found in checkpoint "
+                 f"{str(ckpt.path)!r}: it does not hold a {family}-family decoder LM")
+
+
+def _load_embedding(embed, ckpt: Checkpoint, name: str) -> None:
+  assign(embed.embedding, ckpt.get(name), name)
+
+
+def _load_conv1d(dense, ckpt: Checkpoint, name: str) -> None:
+  """GPT-2's ``Conv1D`` (weight ``[in, out]``) into our ``Dense`` (kernel ``[*in, *out]``)."""
+  n_in, n_out = math.prod(dense.in_features), math.prod(dense.out_features)
+  weight = _checked(ckpt, f"{name}.weight", (n_in, n_out))
+  assign(dense.kernel, weight.reshape(dense.in_features + dense.out_features), f"{name}.weight")
+  bias = _checked(ckpt, f"{name}.bias", (n_out,))
+  assign(dense.bias, bias.reshape(dense.out_features), f"{name}.bias")
+
+
+def _load_gpt2_attention(attn, ckpt: Checkpoint, name: str) -> None:
+  """GPT-2's fused ``c_attn`` ([D, 3 * H * Dh], q then k then v) and ``c_proj``."""
+  d = attn.query.in_features[0]
+  width = math.prod(attn.query.out_features)
+  weight = _checked(ckpt, f"{name}.c_attn.weight", (d, 3 * width))
+  bias = _checked(ckpt, f"{name}.c_attn.bias", (3 * width,))
+  for dense, w, b in zip((attn.query, attn.key, attn.value), jnp.split(weight, 3, axis=1),
+                         jnp.split(bias, 3)):
+    assign(dense.kernel, w.reshape(dense.in_features + dense.out_features), f"{name}.c_attn.weight")
+    assign(dense.bias, b.reshape(dense.out_features), f"{name}.c_attn.bias")
+  _load_conv1d(attn.out, ckpt, f"{name}.c_proj")
+
+
+def _load_gpt2(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "gpt2")
+  _load_embedding(lm.token_embed, ckpt, f"{prefix}wte.weight")
+  _load_embedding(lm.position_embed, ckpt, f"{prefix}wpe.weight")
+  for i, block in enumerate(lm.blocks):
+    name = f"{prefix}h.{i}"
+    _load_layer_norm(block.attn_norm, ckpt, f"{name}.ln_1")
+    _load_gpt2_attention(block.attn, ckpt, f"{name}.attn")
+    _load_layer_norm(block.mlp_norm, ckpt, f"{name}.ln_2")
+    _load_conv1d(block.mlp.up, ckpt, f"{name}.mlp.c_fc")
+    _load_conv1d(block.mlp.down, ckpt, f"{name}.mlp.c_proj")
+  _load_layer_norm(lm.final_norm, ckpt, f"{prefix}ln_f")
+
+
+def _load_llama(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  prefix = _lm_prefix(ckpt, "model.", "embed_tokens.weight", "llama")
+  _load_embedding(lm.token_embed, ckpt, f"{prefix}embed_tokens.weight")
+  for i, block in enumerate(lm.blocks):
+    name = f"{prefix}layers.{i}"
+    assign(block.attn_norm.scale, ckpt.get(f"{name}.input_layernorm.weight"),
+           f"{name}.input_layernorm.weight")
+    for dense, proj in ((block.attn.query, "q_proj"), (block.attn.key, "k_proj"),
+                        (block.attn.value, "v_proj"), (block.attn.out, "o_proj")):
+      _load_linear(dense, ckpt, f"{name}.self_attn.{proj}")
+    assign(block.mlp_norm.scale, ckpt.get(f"{name}.post_attention_layernorm.weight"),
+           f"{name}.post_attention_layernorm.weight")
+    for dense, proj in ((block.mlp.gate, "gate_proj"), (block.mlp.up, "up_proj"),
+                        (block.mlp.down, "down_proj")):
+      _load_linear(dense, ckpt, f"{name}.mlp.{proj}")
+  assign(lm.final_norm.scale, ckpt.get(f"{prefix}norm.weight"), f"{prefix}norm.weight")
+
+
+def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path) -> None:
+  """Fills ``lm`` in place with the weights of a local Hugging Face decoder-LM folder.
+
+  Tensor names may carry the base-model prefix (``transformer.`` for GPT-2, ``model.`` for the
+  LLaMA family) or not; a tied head reads no ``lm_head.weight``. ``lm`` may be abstract (from
+  ``nnx.eval_shape``): every parameter then receives its checkpoint value.
+  """
+  ckpt = Checkpoint(path)
+  if lm.cfg.family == "gpt2":
+    _load_gpt2(lm, ckpt)
+  else:
+    _load_llama(lm, ckpt)
+  if lm.lm_head is not None:
+    _load_linear(lm.lm_head, ckpt, "lm_head")
+
+
+def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.float32) -> DecoderLM:
+  """A ``DecoderLM`` built from a local Hugging Face folder's config.json and filled with its
+  weights. It is built abstractly, so no random weights are ever materialised."""
+  cfg = lm_config_from_hf(read_config(path))
+  lm = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                        param_dtype=param_dtype))
+  load_hf_lm_weights(lm, path)
+  unfilled = [".".join(map(str, p)) for p, v in nnx.iter_graph(lm)
+              if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  if unfilled:
+    raise ValueError(f"checkpoint {str(path)!r} left these parameters unfilled: {unfilled}")
+  return lm
