@@ -266,6 +266,7 @@ def test_shapes_world_source_is_deterministic():
     (lambda p: sources.VizWiz(p / "nope.json", p), "annotation_file"),
     (lambda p: sources.HatefulMemes(p / "nope.jsonl"), "jsonl_file"),
     (lambda p: sources.ImageClassFolders(p / "nope"), "root"),
+    (lambda p: sources.ArrayRecordRecords(p / "nope.array_record"), "paths"),
 ])
 def test_missing_dataset_path_fails_at_construction_naming_it(tmp_path, make, argument):
   with pytest.raises(FileNotFoundError) as error:
@@ -289,3 +290,31 @@ def test_tfds_coco_captions_under_mock_data():
   assert all(isinstance(c, str) for c in record["captions"])
   assert record["image"].dtype == np.uint8 and record["image"].shape[-1] == 3
   assert pair["chunks"][1] in record["captions"] and pair["chunks"][0].load().mode == "RGB"
+
+
+def test_array_record_round_trip_keeps_text_image_bytes_and_keys(tmp_path):
+  write_jpeg(tmp_path / "pairs" / "a.jpg", 0)
+  (tmp_path / "pairs" / "a.txt").write_text("a caption")
+  write_jpeg(tmp_path / "pairs" / "b.jpg", 1)
+  (tmp_path / "pairs" / "b.txt").write_text("")  # fails on read: skipped while writing
+  folder = sources.ImageTextFolder(tmp_path / "pairs")
+  world = sources.ShapesWorld("interleaved", num_records=2, image_size=8)
+
+  assert sources.write_array_record(folder, tmp_path / "pairs.array_record") == 1
+  assert sources.write_array_record(world, tmp_path / "world.array_record") == 2
+  records = sources.ArrayRecordRecords([tmp_path / "pairs.array_record",
+                                        tmp_path / "world.array_record"])
+
+  assert len(records) == 3
+  pair = records[0]
+  assert pair["id"] == "a" and pair["chunks"][1] == "a caption"
+  assert pair["chunks"][0].key == str(tmp_path / "pairs" / "a.jpg")
+  assert pair["chunks"][0].data == (tmp_path / "pairs" / "a.jpg").read_bytes()
+  for original, copy in zip((world[0], world[1]), (records[1], records[2])):
+    assert copy["id"] == original["id"] and len(copy["chunks"]) == len(original["chunks"])
+    for want, have in zip(original["chunks"], copy["chunks"]):
+      if isinstance(want, str):
+        assert have == want
+      else:
+        assert have.key == want.key
+        np.testing.assert_array_equal(np.asarray(have.load()), want.array)  # PNG: lossless
