@@ -1,7 +1,6 @@
 """grain pipelines: resumable in a fresh process, per-host slices of the global batch, per-epoch
 shuffling, bad records skipped and counted, worker-count independence, mixture composition."""
 
-import io
 import json
 import os
 import pathlib

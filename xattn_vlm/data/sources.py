@@ -88,7 +88,8 @@ def require_path(path: str | os.PathLike, argument: str) -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageRef:
-  """An image not yet decoded: exactly one of a file ``path``, encoded ``data`` or decoded ``array``.
+  """An image not yet decoded: exactly one of a file ``path``, encoded ``data`` or a decoded uint8
+  ``array``.
 
   ``key`` identifies the image stably across runs (the file path, ``shard::member`` for tar
   members); the frozen-feature cache is keyed by it.
@@ -172,7 +173,8 @@ def _pair_key(name: str) -> tuple[str, str]:
 
 class ImageTextFolder(RecordSource):
   """Image-text pairs in a folder tree: ``x.jpg`` next to ``x.txt`` or ``x.json`` (img2dataset's
-  "files" layout, as for LAION / Conceptual Captions). Yields ``{"id", "chunks": [image, caption]}``.
+  "files" layout, as for LAION / Conceptual Captions).
+  Yields ``{"id", "chunks": [image, caption]}``.
 
   Pairs are ordered by path, so the same folder always gives the same records. An image with no
   caption file is skipped at construction; an empty caption raises ``BadRecordError`` on read.
@@ -443,8 +445,8 @@ class KarpathyCaptions(_BenchmarkSource):
       if not captions:
         self._skip("missing text", f"image {record_id}: no sentences")
         continue
-      self._add({"id": record_id, "image": str(root / entry.get("filepath", "") / entry["filename"]),
-                 "captions": captions})
+      image = root / entry.get("filepath", "") / entry["filename"]
+      self._add({"id": record_id, "image": str(image), "captions": captions})
     self._log_summary()
 
 
