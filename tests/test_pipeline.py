@@ -192,6 +192,15 @@ def test_mixture_yields_one_batch_per_dataset_with_its_size_and_weight():
   assert mixture.skipped == {"mmc4": {}, "laion": {}}
 
 
+def test_a_state_is_refused_by_a_pipeline_with_another_order():
+  state = pipeline.batch_iterator(index_source(8), index_example, batch_size=4, seed=0,
+                                  process_index=0, process_count=1).get_state()
+  other = pipeline.batch_iterator(index_source(8), index_example, batch_size=4, seed=1,
+                                  process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="state: saved by the pipeline .*'seed': 0"):
+    other.set_state(state)
+
+
 def test_arguments_are_checked_with_their_names():
   with pytest.raises(ValueError, match="batch_size: expected a positive multiple of "
                                        "process_count=2, got 3"):

@@ -23,8 +23,8 @@ optimises ``sum_m lambda_m * loss_m``, accumulating gradients across the dataset
 Flamingo objective; round-robin over datasets was worse).
 
 **Checkpoints.** ``BatchIterator`` and ``MixtureIterator`` are ``grain.DatasetIterator``s whose
-state is a small JSON dict (elements consumed by this host, skip counts), independent of
-``num_workers``. Save it with the train state in one Orbax step and restore into a freshly built
+state is a small JSON dict (elements consumed by this host, skip counts, and the arguments that
+fix the stream, checked on restore), independent of ``num_workers``. Save it with the train state in one Orbax step and restore into a freshly built
 iterator (same sources and arguments)::
 
   manager.save(step, args=ocp.args.Composite(
@@ -185,14 +185,16 @@ class BatchIterator(grain.DatasetIterator):
 
   ``skipped`` counts the records dropped so far (reason -> count); ``get_state`` /
   ``set_state`` (and so ``grain.checkpoint.CheckpointSave/Restore``) capture the position and
-  the counts. Built by ``batch_iterator``.
+  the counts, plus ``order`` (what fixes the element stream: seed, sizes, host slice), so a
+  state is never applied to a pipeline whose stream differs. Built by ``batch_iterator``.
   """
 
   def __init__(self, elements: grain.MapDataset, *, local_batch: int, name: str,
-               read_options: grain.ReadOptions, num_workers: int):
+               order: dict[str, Any], read_options: grain.ReadOptions, num_workers: int):
     super().__init__()
     self.name = name
     self.local_batch = local_batch
+    self.order = order
     self.skipped: collections.Counter = collections.Counter()
     self._elements = elements
     self._read_options = read_options
@@ -223,9 +225,12 @@ class BatchIterator(grain.DatasetIterator):
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
   def get_state(self) -> dict[str, Any]:
-    return {"next_index": self._next_index, "skipped": dict(self.skipped)}
+    return {"next_index": self._next_index, "skipped": dict(self.skipped), "order": self.order}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if state["order"] != self.order:
+      raise ValueError(f"state: saved by the pipeline {state['order']}, which reads a different "
+                       f"stream than this one, {self.order} ({self.name})")
     self._iterator.close()
     self._next_index = int(state["next_index"])
     self.skipped = collections.Counter(state["skipped"])
@@ -280,8 +285,11 @@ def batch_iterator(source: Sequence[dict[str, Any]], transform: Transform, *, ba
   indices = indices.repeat(num_epochs)
   elements = _HostRows(indices, global_batch=batch_size, process_index=process_index,
                        process_count=process_count).map(_ReadAndTransform(source, transform))
+  order = {"records": len(source), "batch_size": batch_size, "seed": seed if shuffle else None,
+           "num_epochs": num_epochs, "process_index": process_index,
+           "process_count": process_count}
   return BatchIterator(elements, local_batch=batch_size // process_count,
-                       name=name or getattr(source, "name", type(source).__name__),
+                       name=name or getattr(source, "name", type(source).__name__), order=order,
                        read_options=grain.ReadOptions(num_threads=read_threads,
                                                       prefetch_buffer_size=prefetch),
                        num_workers=num_workers)
