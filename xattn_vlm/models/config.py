@@ -164,11 +164,11 @@ def openflamingo_9b() -> ml_collections.ConfigDict:
 
 
 def _flamingo(lm, every_n_layers: int, xattn_heads: int) -> ml_collections.ConfigDict:
-  """Paper shapes. The NFNet-F6 encoder is not implemented: a ViT-H/14-sized tower (632M) at 320px
+  """Paper shapes. The NFNet-F6 encoder is not implemented: a ViT-H/16-sized tower (632M) at 320px
   stands in; the resampler is 6 x 64 latents at width 1536 with squared ReLU."""
   return flamingo_config(
       lm=lm,
-      vision=vision_config(image_size=320, patch_size=14, width=1280, num_layers=32, num_heads=16,
+      vision=vision_config(image_size=320, patch_size=16, width=1280, num_layers=32, num_heads=16,
                            mlp_dim=5120, activation="gelu", use_post_layernorm=True),
       resampler=resampler_config(depth=6, num_latents=64, num_heads=16, head_dim=96, ff_mult=4,
                                  activation="squared_relu", width=1536, max_num_frames=8),

@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from xattn_vlm.models.config import lm_config, vision_config
+from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.models.lm import DecoderLM
 from xattn_vlm.models.vision import VisionEncoder
 
@@ -404,3 +405,28 @@ def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.floa
   if unfilled:
     raise ValueError(f"checkpoint {str(path)!r} left these parameters unfilled: {unfilled}")
   return lm
+
+
+# -- Flamingo ------------------------------------------------------------------------------------
+
+_VISION_CHOICES = ("feature_layer", "use_post_layernorm", "include_class_token")
+
+
+def flamingo_from_pretrained(lm_path: str | pathlib.Path, vision_path: str | pathlib.Path,
+                             config: ml_collections.ConfigDict, *, seed: int = 0):
+  """A ``Flamingo`` whose LM and vision tower are read from local Hugging Face folders.
+
+  The towers' shapes come from the folders' config.json (replacing ``config.lm`` and
+  ``config.vision``; the choices a checkpoint does not fix — feature layer, post-LayerNorm, class
+  token — are kept from ``config.vision``); the resampler, gated blocks and added-token rows are
+  freshly initialised from ``seed``. Returns ``(model, config)`` with the config actually used.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.lm = lm_config_from_hf(read_config(lm_path))
+  choices = {k: config.vision[k] for k in _VISION_CHOICES}
+  config.vision = vision_config_from_hf(read_config(vision_path),
+                                        **read_image_normalisation(vision_path), **choices)
+  model = Flamingo(config, rngs=nnx.Rngs(seed))
+  load_hf_lm_weights(model.lm, lm_path)
+  load_hf_vision_weights(model.vision, vision_path)
+  return model, config

@@ -1,0 +1,252 @@
+"""The Flamingo composition: DESIGN.md's fixed semantics, each pinned by a test that fails if it breaks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from xattn_vlm.models import config as model_config
+from xattn_vlm.models import flamingo as flamingo_lib
+from xattn_vlm.models.flamingo import Flamingo
+from xattn_vlm.models.xattn import GatedCrossAttentionBlock, cross_attention_mask, media_locations
+
+CFG = model_config.tiny()
+V = CFG.lm.vocab_size
+IMG, EOC = V, V + 1
+T = 3  # media slots per sample
+
+
+def _images(seed, batch=2, num_media=T, frames=1):
+  size = CFG.vision.image_size
+  return jax.random.normal(jax.random.key(seed), (batch, num_media, frames, size, size, 3))
+
+
+def _open_gates(model, value=1.0):
+  for block in model.gated_blocks:
+    block.attn_gate[...] = jnp.asarray(value)
+    block.ffw_gate[...] = jnp.asarray(value)
+
+
+# Two samples: "t t <image> a a <eoc> <image> b b <eoc> <image> c"
+IDS = jnp.array([
+    [5, 6, IMG, 7, 8, EOC, IMG, 9, 10, EOC, IMG, 11],
+    [12, IMG, 13, 14, 15, EOC, IMG, 16, EOC, IMG, 17, 18],
+])
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Flamingo(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def open_model():
+  m = Flamingo(CFG, rngs=nnx.Rngs(1))
+  _open_gates(m)
+  return m
+
+
+def test_media_locations_and_mask_rules():
+  ids = jnp.array([[1, IMG, 2, EOC, IMG, 3]])
+  media_index = media_locations(ids, IMG)
+  np.testing.assert_array_equal(media_index, [[0, 1, 1, 1, 2, 2]])
+  immediate = np.asarray(cross_attention_mask(media_index, 2, 1, True))[0]
+  np.testing.assert_array_equal(immediate, [[0, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1]])
+  previous = np.asarray(cross_attention_mask(media_index, 2, 1, False))[0]
+  np.testing.assert_array_equal(previous, [[0, 0], [1, 0], [1, 0], [1, 0], [1, 1], [1, 1]])
+  # Each medium contributes num_latents keys, in media order.
+  wide = np.asarray(cross_attention_mask(media_index, 2, 3, True))[0]
+  np.testing.assert_array_equal(wide[2], [1, 1, 1, 0, 0, 0])
+
+
+def test_gated_block_placement_follows_openflamingo():
+  assert flamingo_lib.gated_layer_indices(8, 1) == list(range(8))
+  assert flamingo_lib.gated_layer_indices(8, 4) == [3, 7]
+  assert flamingo_lib.gated_layer_indices(80, 7) == [6, 13, 20, 27, 34, 41, 48, 55, 62, 69, 76]
+  with pytest.raises(ValueError, match="every_n_layers"):
+    flamingo_lib.gated_layer_indices(8, 0)
+
+
+def test_zero_gates_equal_bare_lm_bit_for_bit(model):
+  """At initialisation (gates 0) Flamingo's logits equal the LM's on the same tokens exactly."""
+  images = _images(0)
+  logits = nnx.jit(lambda m, im, ids: m(im, ids))(model, images, IDS)
+
+  @nnx.jit
+  def bare_lm(m, ids):
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    hidden, _ = m.lm.forward_embeddings(m.embed(ids), positions, jnp.ones_like(ids))
+    return m.logits(hidden)
+
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(bare_lm(model, IDS)))
+  # Text-only ids: the frozen vocabulary's logits are the bare LM's logits, bit for bit.
+  text = jnp.array([[3, 4, 5, 6, 7, 8]])
+  ours = nnx.jit(lambda m, im, ids: m(im, ids))(model, _images(0, batch=1), text)[..., :V]
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(nnx.jit(lambda m, t: m.lm(t))(model,
+                                                                                          text)))
+
+
+def _changed_positions(model, perturb_media):
+  images = _images(0)
+  perturbed = images.at[:, perturb_media].add(1.0)
+  a, b = model(images, IDS), model(perturbed, IDS)
+  return np.abs(np.asarray(a - b)).max(axis=-1) > 1e-6  # [B, L]
+
+
+def test_tokens_before_first_image_never_see_media(open_model):
+  changed = _changed_positions(open_model, perturb_media=0)
+  assert not changed[0, :2].any() and not changed[1, :1].any()
+  assert changed[0, 2:].all() and changed[1, 1:].all()
+
+
+def test_image_token_sees_its_own_image(open_model):
+  """Perturbing image 2 changes nothing before its <image> token, and changes that token itself:
+  the change can only come through the token's own cross-attention."""
+  changed = _changed_positions(open_model, perturb_media=1)
+  second_image_pos = [6, 6]
+  for b, pos in enumerate(second_image_pos):
+    assert not changed[b, :pos].any()
+    assert changed[b, pos]
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_immediate_vs_all_previous_media(immediate):
+  """At the gated block: with only_attend_immediate_media a token's output depends only on the
+  latents of image media_index[t]; otherwise on every image <= media_index[t]."""
+  dim, dv, n = 16, 12, 2
+  block = GatedCrossAttentionBlock(dim, dv, num_heads=2, head_dim=4, ff_mult=2, activation="gelu",
+                                   norm_eps=1e-5, rngs=nnx.Rngs(0))
+  block.attn_gate[...] = jnp.asarray(1.0)
+  ids = IDS[:1]
+  mask = cross_attention_mask(media_locations(ids, IMG), T, n, immediate)
+  y = jax.random.normal(jax.random.key(1), (1, ids.shape[1], dim))
+  latents = jax.random.normal(jax.random.key(2), (1, T, n, dv))
+  base = block.attn(y, block.attn.project_media(latents), mask)
+  bumped = block.attn(y, block.attn.project_media(latents.at[:, 0].add(1.0)), mask)
+  changed = np.abs(np.asarray(base - bumped)).max(-1)[0] > 1e-6
+  media_index = np.asarray(media_locations(ids, IMG))[0]
+  expected = (media_index == 1) if immediate else (media_index >= 1)
+  np.testing.assert_array_equal(changed, expected)
+  # Tokens with media_index 0 get exactly zero cross-attention output.
+  assert np.all(np.asarray(base)[0, media_index == 0] == 0.0)
+
+
+def _decode_all(model, images, ids, mask, prompt_len):
+  logits, cache = model.prefill(images, ids[:, :prompt_len], mask[:, :prompt_len],
+                                max_length=ids.shape[1])
+  steps = [logits]
+  for t in range(prompt_len, ids.shape[1]):
+    step_logits, cache = model.decode_step(ids[:, t:t + 1], cache)
+    steps.append(step_logits)
+  return jnp.concatenate(steps, axis=1), cache
+
+
+def test_prefill_and_decode_reproduce_full_forward(open_model):
+  images = _images(3)
+  # Three images in the prompt, then text; sample 1 is left padded by two tokens.
+  ids = jnp.concatenate([IDS, jnp.array([[20, 21, 22, 23, 24]] * 2)], axis=1).at[1, :2].set(0)
+  mask = jnp.ones_like(ids).at[1, :2].set(0)
+  full = open_model(images, ids, mask)
+  prompt_len = IDS.shape[1]
+  decoded, cache = _decode_all(open_model, images, ids, mask, prompt_len)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(decoded)[real], np.asarray(full)[real], rtol=1e-5,
+                             atol=1e-5)
+  # New tokens attend to the prompt's last image.
+  np.testing.assert_array_equal(cache.media_index,
+                                (ids[:, :prompt_len] == IMG).sum(-1))
+
+
+def test_decode_tokens_attend_to_last_prompt_image(open_model):
+  """A decoded token's cross-attention sees the prompt's last image and no other."""
+  images = _images(4)
+  prompt = IDS[:, :8]  # sample 0 has 2 images, sample 1 has 2
+  _, cache = open_model.prefill(images, prompt, max_length=10)
+  mask = open_model._xattn_mask(cache.media_index[:, None], T)
+  n = CFG.resampler.num_latents
+  expected = np.zeros((2, 1, T * n), bool)
+  expected[:, :, n:2 * n] = True
+  np.testing.assert_array_equal(np.asarray(mask), expected)
+
+
+def test_frozen_means_frozen():
+  model = Flamingo(CFG, rngs=nnx.Rngs(2))
+  _open_gates(model, 0.5)
+  images, ids = _images(5), IDS
+
+  def loss_fn(m):
+    return jnp.mean(m(images, ids) ** 2)
+
+  grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, flamingo_lib.trainable)))(model)
+  grad_paths = {path for path, _ in nnx.to_flat_state(grads)}
+  trainable_paths = {path for path, _ in nnx.to_flat_state(nnx.state(model, flamingo_lib.trainable))}
+  assert grad_paths == trainable_paths
+  assert all(p[0] in flamingo_lib.TRAINABLE_PARTS for p in grad_paths)
+  assert any(p[0] == "gated_blocks" for p in grad_paths) and any(p[0] == "added_embed"
+                                                                 for p in grad_paths)
+
+  frozen_before = jax.tree.map(np.array, nnx.state(model, flamingo_lib.frozen))
+  trainable_before = jax.tree.map(np.array, nnx.state(model, flamingo_lib.trainable))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=flamingo_lib.trainable)
+  optimizer.update(model, grads)
+  frozen_after = nnx.state(model, flamingo_lib.frozen)
+  for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
+    np.testing.assert_array_equal(before, np.asarray(after))
+  moved = [not np.array_equal(b, np.asarray(a)) for b, a in
+           zip(jax.tree.leaves(trainable_before),
+               jax.tree.leaves(nnx.state(model, flamingo_lib.trainable)))]
+  assert any(moved)
+  # Optimizer state exists for trainable parameters only.
+  opt_paths = {path[path.index("mu") + 1:] for path, _ in nnx.to_flat_state(nnx.state(optimizer))
+               if "mu" in path}
+  assert opt_paths == trainable_paths
+
+
+def test_video_one_frame_equals_image_and_more_frames_interpolate(model):
+  images = _images(6)
+  as_image = model(images[:, :, 0], IDS)
+  as_video = model(images, IDS)
+  np.testing.assert_array_equal(np.asarray(as_image), np.asarray(as_video))
+  frames = CFG.resampler.max_num_frames + 2
+  video = _images(7, frames=frames)
+  assert np.isfinite(np.asarray(model(video, IDS))).all()
+
+
+def test_vision_features_skip_the_tower(open_model):
+  images = _images(8)
+  b, t, f = images.shape[:3]
+  features = open_model.vision(images.reshape((b * t * f,) + images.shape[3:]))
+  features = features.reshape((b, t, f) + features.shape[1:])
+  np.testing.assert_allclose(np.asarray(open_model(None, IDS, vision_features=features)),
+                             np.asarray(open_model(images, IDS)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda im, ids: (im[0, 0], ids), "images must be float"),
+    (lambda im, ids: (im.astype(jnp.int32), ids), "dtype"),
+    (lambda im, ids: (im.at[0, 0, 0, 0, 0, 0].set(jnp.nan), ids), "non-finite"),
+    (lambda im, ids: (im[:, :2], ids), r"sample 0 has 3 <image> tokens .* only 2 media"),
+    (lambda im, ids: (im, jnp.zeros((2, CFG.lm.max_length + 1), jnp.int32)), "exceeds the LM"),
+    (lambda im, ids: (im, ids[0]), "input_ids must be"),
+])
+def test_bad_input_names_the_argument(model, bad, match):
+  images, ids = bad(_images(9), IDS)
+  with pytest.raises(ValueError, match=match):
+    model(images, ids)
+
+
+def test_media_mask_count_mismatch(model):
+  media_mask = jnp.array([[True, True, True], [True, True, False]])
+  with pytest.raises(ValueError, match="sample 1 has 3 <image> tokens in input_ids but 2 images"):
+    model(_images(10), IDS, media_mask=media_mask)
+
+
+@pytest.mark.parametrize("name", sorted(model_config.PRESETS))
+def test_every_preset_eval_shape_and_trainable_split(name):
+  from xattn_vlm.models import summary
+  counts = summary.count_parameters(model_config.get_model_config(name))
+  assert counts["trainable"] == (counts["resampler"] + counts["gated_blocks"] + counts["added"])
+  assert counts["frozen"] == counts["lm"] + counts["vision"]
+  assert counts["trainable"] > 0 and counts["frozen"] > counts["gated_blocks"]

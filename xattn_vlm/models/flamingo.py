@@ -1,0 +1,243 @@
+"""The Flamingo composition: frozen vision tower -> Perceiver resampler -> frozen LM with gated
+cross-attention blocks, plus trainable rows for the added special tokens.
+
+Three entry points share one layer loop (the LM's): the training forward ``__call__`` (logits at
+all positions), ``prefill`` (the prompt, building the LM KV cache and the cross-attention keys and
+values once) and ``decode_step`` (one new token per sequence, reusing both caches).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx, struct
+
+from xattn_vlm.models import layers
+from xattn_vlm.models.lm import DecoderLM, LMCache
+from xattn_vlm.models.resampler import PerceiverResampler
+from xattn_vlm.models.vision import VisionEncoder
+from xattn_vlm.models.xattn import GatedCrossAttentionBlock, cross_attention_mask, media_locations
+
+TRAINABLE_PARTS = ("resampler", "gated_blocks", "added_embed", "added_head")
+
+# Parameters that train in the Flamingo stage: everything else (LM, vision tower) is frozen.
+trainable = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in TRAINABLE_PARTS)))
+frozen = nnx.All(nnx.Param, nnx.Not(trainable))
+
+
+def gated_layer_indices(num_layers: int, every_n_layers: int) -> list[int]:
+  """LM blocks that get a gated block before them: i with (i + 1) % every_n_layers == 0."""
+  if every_n_layers < 1:
+    raise ValueError(f"xattn.every_n_layers must be >= 1, got {every_n_layers}")
+  return [i for i in range(num_layers) if (i + 1) % every_n_layers == 0]
+
+
+@struct.dataclass
+class FlamingoCache:
+  """Decoding state: the LM KV cache, each gated block's media keys/values (computed once per
+  prompt), the media index new tokens attend to (the prompt's last image) and the next position."""
+  lm: LMCache
+  media_kv: tuple[tuple[jax.Array, jax.Array], ...]
+  media_index: jax.Array  # [B] int32
+  position: jax.Array  # [B] int32
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+class Flamingo(nnx.Module):
+  """Flamingo built from a model config (``xattn_vlm.models.config``).
+
+  Token ids ``< lm.vocab_size`` use the frozen LM vocabulary; ids ``lm.vocab_size + k`` are the
+  added tokens (k=0 ``<image>``, k=1 ``<|endofchunk|>``) with their own trainable input and output
+  rows. Logits cover both: ``[B, L, lm.vocab_size + num_added_tokens]``.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    lm_cfg, vis_cfg = config.lm, config.vision
+    self.vision = VisionEncoder(vis_cfg, remat=config.remat, **kw)
+    self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width, **kw)
+    self.lm = DecoderLM(lm_cfg, remat=config.remat, **kw)
+    dim_visual = config.resampler.width or vis_cfg.width
+    self.gated_layers = tuple(gated_layer_indices(lm_cfg.num_layers, config.xattn.every_n_layers))
+    self.gated_blocks = nnx.List([
+        GatedCrossAttentionBlock(
+            lm_cfg.embed_dim, dim_visual, num_heads=config.xattn.num_heads,
+            head_dim=config.xattn.head_dim, ff_mult=config.xattn.ff_mult,
+            activation=config.xattn.activation, norm_eps=1e-5, **kw)
+        for _ in self.gated_layers])
+    self.added_embed = layers.Embed(config.num_added_tokens, lm_cfg.embed_dim,
+                                    axes=(None, "embed"), **kw)
+    self.added_head = layers.param(rngs, nnx.initializers.normal(0.02),
+                                   (config.num_added_tokens, lm_cfg.embed_dim), (None, "embed"),
+                                   param_dtype)
+    self.vocab_size = lm_cfg.vocab_size
+    self.media_token_id = lm_cfg.vocab_size
+    self.eoc_token_id = lm_cfg.vocab_size + 1
+    self.dtype = dtype
+
+  # -- pieces -----------------------------------------------------------------------------------
+
+  def encode_media(self, images: jax.Array | None = None,
+                   vision_features: jax.Array | None = None) -> jax.Array:
+    """Media -> latents [B, T, num_latents, D_visual].
+
+    images: float [B, T, F, H, W, C] (an image is F=1; [B, T, H, W, C] is read as F=1), encoded
+    frame by frame by the frozen tower under stop_gradient. vision_features: the tower's output
+    [B, T, F, P, D] precomputed (a feature cache), which skips the tower.
+    """
+    if vision_features is None:
+      images = self._check_images(images)
+      b, t, f = images.shape[:3]
+      features = self.vision(images.reshape((b * t * f,) + images.shape[3:]))
+      features = jax.lax.stop_gradient(features)
+      vision_features = features.reshape((b, t, f) + features.shape[1:])
+    elif vision_features.ndim != 5:
+      raise ValueError("vision_features must be [B, T_media, F, P, D], got shape "
+                       f"{tuple(vision_features.shape)}")
+    return self.resampler(vision_features.astype(self.dtype))
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings: the frozen LM table for its vocabulary, the trainable rows for added ids."""
+    is_added = (input_ids >= self.vocab_size)[..., None]
+    lm_rows = self.lm.embed_tokens(jnp.where(is_added[..., 0], 0, input_ids))
+    added_rows = self.added_embed(jnp.clip(input_ids - self.vocab_size, 0,
+                                           self.config.num_added_tokens - 1))
+    return jnp.where(is_added, added_rows.astype(lm_rows.dtype), lm_rows)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, L, vocab + added]: the frozen LM head, then the added tokens' rows."""
+    added = jnp.einsum("bld,kd->blk", hidden.astype(self.dtype),
+                       self.added_head[...].astype(self.dtype))
+    return jnp.concatenate([self.lm.logits(hidden).astype(jnp.float32),
+                            added.astype(jnp.float32)], axis=-1)
+
+  def _media_kv(self, latents: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    return tuple(block.attn.project_media(latents) for block in self.gated_blocks)
+
+  def _run(self, input_ids, positions, attention_mask, media_kv, xattn_mask, cache):
+    """The one layer loop: the LM's, with gated blocks inserted before the chosen LM blocks."""
+    slot = {layer: j for j, layer in enumerate(self.gated_layers)}
+
+    def before_block(i, h):
+      if i not in slot:
+        return h
+      block = self.gated_blocks[slot[i]]
+      if self.config.remat:
+        return nnx.remat(lambda blk, y, kv, m: blk(y, kv, m))(block, h, media_kv[slot[i]],
+                                                               xattn_mask)
+      return block(h, media_kv[slot[i]], xattn_mask)
+
+    return self.lm.forward_embeddings(self.embed(input_ids), positions, attention_mask,
+                                      cache=cache, before_block=before_block)
+
+  def _xattn_mask(self, media_index: jax.Array, num_media: int) -> jax.Array:
+    return cross_attention_mask(media_index, num_media, self.config.resampler.num_latents,
+                                self.config.xattn.only_attend_immediate_media)
+
+  # -- entry points -----------------------------------------------------------------------------
+
+  def __call__(self, images: jax.Array | None, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None, *, media_mask: jax.Array | None = None,
+               vision_features: jax.Array | None = None) -> jax.Array:
+    """Training forward: logits [B, L, vocab + added] at every position.
+
+    media_mask (optional, bool [B, T]) marks which media slots are real; given concrete inputs it is
+    checked against the number of ``<image>`` tokens in each sample.
+    """
+    input_ids, attention_mask = self._check_text(input_ids, attention_mask)
+    latents = self.encode_media(images, vision_features)
+    self._check_media_count(input_ids, latents.shape[1], media_mask)
+    positions = layers.default_positions(attention_mask)
+    media_index = media_locations(input_ids, self.media_token_id)
+    mask = self._xattn_mask(media_index, latents.shape[1])
+    hidden, _ = self._run(input_ids, positions, attention_mask, self._media_kv(latents), mask, None)
+    return self.logits(hidden)
+
+  def prefill(self, images: jax.Array | None, input_ids: jax.Array,
+              attention_mask: jax.Array | None = None, *, max_length: int,
+              vision_features: jax.Array | None = None) -> tuple[jax.Array, FlamingoCache]:
+    """Runs the prompt (left padded for batched generation) and returns its logits and a cache
+    with room for ``max_length`` tokens in all (prompt included)."""
+    input_ids, attention_mask = self._check_text(input_ids, attention_mask)
+    if input_ids.shape[1] > max_length:
+      raise ValueError(f"max_length ({max_length}) must be at least the prompt length "
+                       f"({input_ids.shape[1]})")
+    latents = self.encode_media(images, vision_features)
+    self._check_media_count(input_ids, latents.shape[1], None)
+    positions = layers.default_positions(attention_mask)
+    media_index = media_locations(input_ids, self.media_token_id)
+    media_kv = self._media_kv(latents)
+    mask = self._xattn_mask(media_index, latents.shape[1])
+    lm_cache = self.lm.init_cache(input_ids.shape[0], max_length)
+    hidden, lm_cache = self._run(input_ids, positions, attention_mask, media_kv, mask, lm_cache)
+    cache = FlamingoCache(lm=lm_cache, media_kv=media_kv, media_index=media_index.max(axis=-1),
+                          position=attention_mask.sum(axis=-1).astype(jnp.int32))
+    return self.logits(hidden), cache
+
+  def decode_step(self, input_ids: jax.Array, cache: FlamingoCache
+                  ) -> tuple[jax.Array, FlamingoCache]:
+    """One new token per sequence, input_ids [B, 1]: logits [B, 1, vocab + added] and the updated
+    cache. New tokens attend to the prompt's last image."""
+    if input_ids.ndim != 2 or input_ids.shape[1] != 1:
+      raise ValueError(f"decode_step takes input_ids of shape [B, 1], got {tuple(input_ids.shape)}")
+    num_media = cache.media_kv[0][0].shape[1] // self.config.resampler.num_latents \
+        if cache.media_kv else 0
+    mask = self._xattn_mask(cache.media_index[:, None], num_media)
+    hidden, lm_cache = self._run(input_ids, cache.position[:, None], jnp.ones_like(input_ids),
+                                 cache.media_kv, mask, cache.lm)
+    return self.logits(hidden), cache.replace(lm=lm_cache, position=cache.position + 1)
+
+  # -- input checks (shape checks always; value checks only outside jit, on concrete values) -----
+
+  def _check_images(self, images) -> jax.Array:
+    if images is None:
+      raise ValueError("images must be given (or vision_features), got None")
+    if images.ndim == 5:
+      images = images[:, :, None]
+    if images.ndim != 6:
+      raise ValueError("images must be float [B, T_media, F, H, W, C] (or [B, T_media, H, W, C]), "
+                       f"got shape {tuple(images.shape)}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f"images must be a float array (normalised pixels), got dtype {images.dtype}")
+    finite = jnp.isfinite(images).all()
+    if _is_concrete(finite) and not bool(finite):
+      raise ValueError("images contain non-finite pixel values (NaN or Inf)")
+    return images
+
+  def _check_text(self, input_ids, attention_mask):
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids "
+                       f"shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > self.config.lm.max_length:
+      raise ValueError(f"input_ids length {input_ids.shape[1]} exceeds the LM context "
+                       f"(lm.max_length={self.config.lm.max_length})")
+    return input_ids, attention_mask
+
+  def _check_media_count(self, input_ids, num_media: int, media_mask) -> None:
+    counts = (input_ids == self.media_token_id).sum(axis=-1)
+    if not _is_concrete(counts):
+      return
+    counts = np.asarray(counts)
+    if media_mask is not None and _is_concrete(expected := media_mask.sum(axis=-1)):
+      expected = np.asarray(expected)
+      bad = np.nonzero(counts != expected)[0]
+      if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"sample {i} has {int(counts[i])} <image> tokens in input_ids but "
+                         f"{int(expected[i])} images in media_mask")
+    bad = np.nonzero(counts > num_media)[0]
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(f"sample {i} has {int(counts[i])} <image> tokens in input_ids but images "
+                       f"has only {num_media} media slots")
