@@ -1,0 +1,259 @@
+"""The trainer in-process on 8 forced CPU devices: sharding, restore onto another mesh, frozen
+weights, the NaN guard, start-up checks and the loss pieces. Tiny config (experiments/tiny_test.py).
+"""
+
+import importlib.util
+import pathlib
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
+
+from xattn_vlm.data.sequence import IGNORE_INDEX
+from xattn_vlm.models import flamingo as flamingo_lib
+from xattn_vlm.train import checkpoint as checkpoint_lib
+from xattn_vlm.train import input_pipeline
+from xattn_vlm.train import metrics as metrics_lib
+from xattn_vlm.train import sharding as sharding_lib
+from xattn_vlm.train import stages
+from xattn_vlm.train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def experiment_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny(preset: str = "flamingo", **overrides) -> ml_collections.ConfigDict:
+  """experiments/tiny_test.py with dotted overrides, e.g. ``**{"mesh.data": 2}``."""
+  config = experiment_config("tiny_test", preset)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def leaves(params) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  return {sharding_lib.path_name(path): np.asarray(x) for path, x in flat}
+
+
+def losses(workdir) -> list[float]:
+  return [row["loss"] for row in metrics_lib.read_metrics(str(workdir))]
+
+
+MESH_222 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+SGD = {"optimizer.name": "sgd", "optimizer.learning_rate": 0.5}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+  """3 SGD steps of the Flamingo stage on mesh (2, 2, 2)."""
+  workdir = tmp_path_factory.mktemp("sharded")
+  state = trainer.train_and_evaluate(tiny(**MESH_222, **SGD), str(workdir))
+  return workdir, state
+
+
+def test_sharded_equals_single_device(sharded_run, tmp_path):
+  """Mesh (2, 2, 2) vs one device, the latter also accumulating 2 microbatches per dataset: the
+  same losses and parameters (up to float reassociation)."""
+  workdir, sharded = sharded_run
+  single = trainer.train_and_evaluate(
+      tiny(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "microbatches": 2}, **SGD),
+      str(tmp_path))
+  assert len(jax.tree.leaves(single.params)[0].sharding.device_set) == 1
+  np.testing.assert_allclose(losses(tmp_path), losses(workdir), rtol=1e-5, atol=1e-5)
+  assert len(losses(workdir)) == 3
+  expected = leaves(sharded.params)
+  got = leaves(single.params)
+  assert got.keys() == expected.keys()
+  for name in expected:
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  # The gates did move: the comparison is not between untouched initial values.
+  assert abs(float(sharded.params["gated_blocks"][0]["attn_gate"][...])) > 1e-4
+
+
+def test_restore_onto_another_mesh(sharded_run):
+  """The (2, 2, 2) run's last checkpoint restored onto mesh (1, 4, 2): bit-identical params."""
+  workdir, sharded = sharded_run
+  restored = trainer.train_and_evaluate(
+      tiny(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}, **SGD), str(workdir))
+  kernel = restored.params["lm"]["blocks"][0]["mlp"]["up"]["kernel"][...]
+  assert dict(kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  expected, got = leaves(sharded.params), leaves(restored.params)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_incompatible_workdir_fails_at_start(sharded_run):
+  workdir, _ = sharded_run
+  config = tiny(**MESH_222, **SGD)
+  config.model.lm.num_layers = 3
+  with pytest.raises(ValueError, match=r"different model.*config\.model\.lm\.num_layers: saved 2"):
+    trainer.train_and_evaluate(config, str(workdir))
+
+
+def test_frozen_weights_stay_bit_identical(tmp_path):
+  """AdamW on the Flamingo stage: the LM and vision tower do not change by a bit, and optimizer
+  moments exist for exactly the trainable parameters."""
+  config = tiny()
+  initial = leaves(trainer.create_train_state(trainer.setup(config)).params)
+  state = trainer.train_and_evaluate(config, str(tmp_path))
+  final = leaves(state.params)
+  frozen = leaves(nnx.filter_state(state.params, flamingo_lib.frozen))
+  trainable = leaves(nnx.filter_state(state.params, flamingo_lib.trainable))
+  assert frozen and trainable and frozen.keys() | trainable.keys() == final.keys()
+  for name in frozen:
+    np.testing.assert_array_equal(final[name], initial[name], err_msg=name)
+  assert any(not np.array_equal(final[n], initial[n]) for n in trainable)
+
+  adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's first state is scale_by_adam's
+  for moments in (adam.mu, adam.nu):
+    assert leaves(moments).keys() == trainable.keys()
+  opt_names = {sharding_lib.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      state.opt_state)}
+  assert not any(name.startswith(("lm/", "vision/")) or "/lm/" in name or "/vision/" in name
+                 for name in opt_names)
+
+
+class _NaNImages(grain.DatasetIterator):
+  """Wraps the mixture iterator: the images of the given steps (1-based) become NaN."""
+
+  def __init__(self, iterator, nan_steps):
+    super().__init__()
+    self.iterator, self.nan_steps, self.step = iterator, set(nan_steps), 0
+    self.weights = iterator.weights
+
+  def __next__(self):
+    self.step += 1
+    batches = next(self.iterator)
+    if self.step in self.nan_steps or "all" in self.nan_steps:
+      for batch in batches.values():
+        batch["images"] = np.full_like(batch["images"], np.nan)
+    return batches
+
+  def get_state(self):
+    return {"inner": self.iterator.get_state(), "step": self.step}
+
+  def set_state(self, state):
+    self.iterator.set_state(state["inner"])
+    self.step = state["step"]
+
+  def close(self):
+    self.iterator.close()
+
+
+def test_nan_batch_is_skipped(tmp_path, monkeypatch):
+  """A NaN batch at step 2 leaves params and optimizer state as after step 1 (so the step-2
+  checkpoint holds step-1 params), is counted, and training goes on; NaN at every step stops the
+  run after max_nonfinite_in_a_row steps with a message."""
+  create = input_pipeline.create_iterator
+  monkeypatch.setattr(input_pipeline, "create_iterator",
+                      lambda config: _NaNImages(create(config), [2]))
+  config = tiny(**{"checkpoint.every_steps": 1})
+  state = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.skipped) == 1 and int(state.step) == 3
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  assert [r["skipped"] for r in rows] == [0, 1, 1]
+  assert not np.isfinite(rows[1]["loss"]) and np.isfinite(rows[2]["loss"])
+
+  s = trainer.setup(config)
+  target = checkpoint_lib.abstract_with_shardings(s.abstract_state.params, s.state_sharding.params)
+  by_step = {}
+  for step in (1, 2, 3):
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
+    by_step[step] = leaves(checkpointer.manager.restore(step, args=checkpoint_lib.ocp.args.Composite(
+        state=checkpoint_lib.ocp.args.PyTreeRestore(
+            {"params": target},
+            restore_args=checkpoint_lib.ocp.checkpoint_utils.construct_restore_args(
+                {"params": target}), partial_restore=True))).state["params"])
+    checkpointer.close()
+  for name, value in by_step[2].items():
+    assert np.isfinite(value).all(), name
+    np.testing.assert_array_equal(value, by_step[1][name], err_msg=name)
+  assert any(not np.array_equal(by_step[3][n], by_step[2][n]) for n in by_step[2])
+
+  monkeypatch.setattr(input_pipeline, "create_iterator",
+                      lambda config: _NaNImages(create(config), ["all"]))
+  config = tiny(**{"max_nonfinite_in_a_row": 2, "total_steps": 5})
+  with pytest.raises(FloatingPointError, match=r"2 steps in a row.*max_nonfinite_in_a_row=2"):
+    trainer.train_and_evaluate(config, str(tmp_path / "all_nan"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"totl_steps": 5}, r"config\.totl_steps: unknown setting"),
+    ({"optimizer.lr": 1.0}, r"config\.optimizer\.lr: unknown setting"),
+    ({"mesh.data": 3}, r"config\.mesh: .* must divide the 8 devices"),
+    ({"microbatches": 2}, r"batch_size=8 is not divisible by data-parallel size x microbatches"),
+    ({"stage": "pretrain"}, r"config\.stage: expected one of"),
+])
+def test_bad_config_fails_at_start(tmp_path, overrides, message):
+  config = tiny(**overrides)
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_fsdp_check_refuses_replicated_large_params():
+  """With fsdp > 1, a large parameter that no rule shards over fsdp is an error at start."""
+  config = tiny()
+  config.sharding.rules = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "tensor"),
+                           ("heads", "tensor"), ("vocab", "tensor"), ("kv", None),
+                           ("latents", None), ("media", None))
+  config.sharding.fsdp_min_size = 1024
+  mesh = AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  with pytest.raises(ValueError, match=r"mesh\.fsdp=4 but parameter .* is not sharded over fsdp"):
+    trainer.setup(config, mesh)
+  config.sharding.rules = tiny().sharding.rules
+  trainer.setup(config, mesh)
+
+
+def test_logical_to_spec_skips_indivisible_and_reused_axes():
+  sizes = {"data": 2, "fsdp": 4, "tensor": 2}
+  rules = {"embed": ("fsdp",), "mlp": ("tensor",), "vocab": ("tensor",)}
+  assert sharding_lib.logical_to_spec(("embed", "mlp"), (32, 64), rules, sizes) == \
+      jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert sharding_lib.logical_to_spec(("embed", "mlp"), (30, 5461), rules, sizes) == \
+      jax.sharding.PartitionSpec(None, None)
+  assert sharding_lib.logical_to_spec(("vocab", "mlp"), (8, 8), rules, sizes) == \
+      jax.sharding.PartitionSpec("tensor", None)
+  with pytest.raises(ValueError, match="no rule for logical axis 'heads'"):
+    sharding_lib.logical_to_spec(("heads",), (8,), rules, sizes)
+
+
+def test_token_loss_has_a_safe_denominator():
+  """A batch with no supervised token gives loss 0 and finite gradients, not NaN."""
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  labels = jnp.full((2, 5), IGNORE_INDEX)
+  batch = {"labels": labels}
+
+  def loss(x):
+    return stages.next_token_loss_sum(x, labels) / jnp.maximum(stages.supervised_tokens(batch), 1)
+
+  value, grad = jax.value_and_grad(loss)(logits)
+  assert float(value) == 0.0 and np.isfinite(np.asarray(grad)).all()
+  labels = labels.at[0, 2].set(3)
+  expected = -jax.nn.log_softmax(logits[0, 1])[3]
+  np.testing.assert_allclose(stages.next_token_loss_sum(logits, labels), expected, rtol=1e-6)
+
+
+def test_info_nce_is_symmetric_and_low_for_matching_pairs():
+  emb = jnp.eye(4)
+  matched = stages.info_nce(emb, emb, jnp.float32(10.0))
+  shuffled = stages.info_nce(emb, emb[::-1], jnp.float32(10.0))
+  assert float(matched) < 0.01 < float(shuffled)
+  a, b = jax.random.normal(jax.random.key(1), (2, 4, 3))
+  np.testing.assert_allclose(stages.info_nce(a, b, 2.0), stages.info_nce(b, a, 2.0), rtol=1e-6)

@@ -1,0 +1,122 @@
+"""``config.data`` -> the ``data.pipeline`` mixture iterator this process reads its batches from.
+
+Each entry of ``config.data.datasets`` names a ``source``:
+  ``shapes``: the synthetic shapes world (``kind``: caption, pair, vqa, interleaved, binding;
+    ``num_records``; further keys go to the generator, e.g. ``max_images``).
+  ``shapes_text``: the shapes world's text-only stream (``num_records``), every real token
+    supervised: the ``lm_pretrain`` data.
+  ``image_text_folder`` (``path``), ``webdataset`` (``path``), ``mmc4`` (``path``,
+    ``image_root``): real image-text pairs and interleaved documents.
+Every step yields ``{name: batch}`` with one batch per dataset; the iterator's state is saved
+with each checkpoint, so a resumed run reads exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from xattn_vlm.data import pipeline
+from xattn_vlm.data import shapes_world
+from xattn_vlm.data import sources
+from xattn_vlm.data.sequence import IGNORE_INDEX
+from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
+
+SOURCES = ("shapes", "shapes_text", "image_text_folder", "webdataset", "mmc4")
+_COMPONENT_KEYS = ("source", "batch_size", "weight")
+
+
+class ShapesText:
+  """The shapes world's text-only records ``{"id", "text"}`` (random access, for grain)."""
+
+  def __init__(self, *, num_records: int, split: str = "train", seed: int = 0):
+    if num_records < 1:
+      raise ValueError(f"num_records: expected >= 1, got {num_records}")
+    self.name = f"ShapesText({split}, seed={seed})"
+    self._split, self._seed, self._len = split, seed, num_records
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    item = shapes_world.text_example(self._split, self._seed, int(index))
+    return {"id": f"shapes/text/{self._split}/{self._seed}/{index}", "text": item["text"]}
+
+
+class TextTransform:
+  """A text record -> ``input_ids``, ``attention_mask`` and ``labels`` (every real token
+  supervised; the loss shifts by one), int32 [max_tokens]; BOS (if any) and EOS added."""
+
+  def __init__(self, tokenizer: Tokenizer, *, max_tokens: int):
+    self.tokenizer = tokenizer
+    self.max_tokens = max_tokens
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    tok = self.tokenizer
+    ids = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    ids = (ids + tok.encode(record["text"]) + [tok.eos_token_id])[:self.max_tokens]
+    pad = self.max_tokens - len(ids)
+    input_ids = np.array(ids + [tok.pad_token_id] * pad, np.int32)
+    attention_mask = np.array([1] * len(ids) + [0] * pad, np.int32)
+    labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _source(name: str, component: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+  args = {k: v for k, v in component.items() if k not in _COMPONENT_KEYS}
+  kind = component.source
+  if kind == "shapes":
+    return sources.ShapesWorld(image_size=config.model.vision.image_size, seed=config.data.seed,
+                               **args)
+  if kind == "shapes_text":
+    return ShapesText(seed=config.data.seed, **args)
+  if kind == "image_text_folder":
+    return sources.ImageTextFolder(args.pop("path"), **args)
+  if kind == "webdataset":
+    return sources.WebDatasetTars(args.pop("path"), **args)
+  if kind == "mmc4":
+    return sources.MMC4Documents(args.pop("path"), **args)
+  raise ValueError(f"config.data.datasets.{name}.source: expected one of {SOURCES}, got {kind!r}")
+
+
+def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
+  """``config.data.tokenizer`` (a local Hugging Face folder) or the shapes-world BPE, checked
+  against the vocabularies it feeds."""
+  if config.data.tokenizer:
+    tokenizer = Tokenizer.from_pretrained(config.data.tokenizer,
+                                          lm_vocab_size=config.model.lm.vocab_size)
+  else:
+    tokenizer = default_tokenizer()
+  vocabularies = [("config.model.lm.vocab_size", config.model.lm.vocab_size)]
+  if config.stage == "vision_pretrain":
+    vocabularies = [("config.contrastive.text.vocab_size", config.contrastive.text.vocab_size)]
+  for setting, size in vocabularies:
+    if size < tokenizer.lm_vocab_size:
+      raise ValueError(f"{setting}={size} is smaller than the tokenizer's vocabulary "
+                       f"({tokenizer.lm_vocab_size}); set it to at least {tokenizer.lm_vocab_size}")
+  return tokenizer
+
+
+def create_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+                    process_count: int | None = None) -> pipeline.MixtureIterator:
+  """This process's mixture iterator for ``config.data``."""
+  if not config.data.datasets:
+    raise ValueError("config.data.datasets: expected at least one dataset, got none")
+  tokenizer = tokenizer_for(config)
+  vision = config.model.vision
+  image_transform = pipeline.ExampleTransform(
+      tokenizer, max_tokens=config.data.max_tokens, max_images=config.data.max_images,
+      image_size=vision.image_size, mean=vision.image_mean, std=vision.image_std,
+      mode=config.data.image_mode)
+  text_transform = TextTransform(tokenizer, max_tokens=config.data.max_tokens)
+  components = {}
+  for name, component in config.data.datasets.items():
+    transform = text_transform if component.source == "shapes_text" else image_transform
+    components[name] = pipeline.Component(_source(name, component, config), transform,
+                                          batch_size=component.batch_size,
+                                          weight=component.weight)
+  return pipeline.mixture_iterator(components, seed=config.data.seed,
+                                   process_index=process_index, process_count=process_count,
+                                   num_workers=config.data.num_workers)
