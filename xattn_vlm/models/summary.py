@@ -32,6 +32,10 @@ def count_parameters(config: ml_collections.ConfigDict) -> dict[str, int]:
   return counts
 
 
+def _human(n: int) -> str:
+  return f"{n / 1e6:,.1f}M" if n >= 1e5 else f"{n / 1e3:,.1f}k"
+
+
 def main(names: list[str]) -> None:
   print("| config | LM (frozen) | vision (frozen) | resampler | gated blocks | trainable | total | "
         "eval_shape s |")
@@ -42,7 +46,7 @@ def main(names: list[str]) -> None:
     seconds = time.perf_counter() - start
     row = [c["lm"], c["vision"], c["resampler"], c["gated_blocks"], c["trainable"],
            c["trainable"] + c["frozen"]]
-    print(f"| {name} | " + " | ".join(f"{x / 1e6:,.1f}M" for x in row) + f" | {seconds:.1f} |")
+    print(f"| {name} | " + " | ".join(_human(x) for x in row) + f" | {seconds:.1f} |")
 
 
 if __name__ == "__main__":
