@@ -1,0 +1,99 @@
+"""``python -m xattn_vlm.prompt``: continue one interleaved prompt and print the new text.
+
+  python -m xattn_vlm.prompt --checkpoint=WORKDIR --image a.jpg --image b.jpg \\
+      --text "<image>A photo of a cat.<|endofchunk|><image>A photo of"
+  python -m xattn_vlm.prompt --config=tiny --image a.jpg --text "<image>Output:"
+
+``--checkpoint`` is the workdir of a ``flamingo``-stage training run (its latest checkpoint);
+``--config`` names a model preset (``xattn_vlm.models.config``) and builds a fresh random model,
+with the LM vocabulary sized to the tokenizer. The images fill the ``<image>`` placeholders in order.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags
+from etils import epath
+from flax import nnx
+
+from xattn_vlm.data import Tokenizer, default_tokenizer
+from xattn_vlm.inference import Processor, generate
+from xattn_vlm.models import config as model_config
+from xattn_vlm.models.flamingo import Flamingo
+from xattn_vlm.train import checkpoint as checkpoint_lib
+
+flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run.")
+flags.DEFINE_string("config", None, "Model preset name for a fresh random model, e.g. tiny.")
+flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
+                    "built-in shapes-world tokenizer).")
+flags.DEFINE_multi_string("image", [], "An image file; repeat for each <image> in --text.")
+flags.DEFINE_string("text", None, "The prompt, with one <image> placeholder per --image.")
+flags.DEFINE_integer("max_new_tokens", 20, "At most this many new tokens.")
+flags.DEFINE_integer("num_beams", 3, "Beam width (1: greedy, or sampling with --do_sample).")
+flags.DEFINE_float("length_penalty", 0.0, "Beam ranking: log-prob / length ** length_penalty.")
+flags.DEFINE_bool("do_sample", False, "Sample (with --temperature, --top_k, --top_p).")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens with this mass.")
+flags.DEFINE_integer("seed", 0, "Seed of the random model and of sampling.")
+flags.mark_flags_as_required(["text"])
+flags.mark_flags_as_mutual_exclusive(["checkpoint", "config"], required=True)
+FLAGS = flags.FLAGS
+
+
+def load_model(workdir: str) -> Flamingo:
+  """The model of a flamingo-stage training run: its config and parameters from the latest
+  readable checkpoint in ``workdir``, restored replicated on the local devices."""
+  manager = ocp.CheckpointManager(epath.Path(workdir) / checkpoint_lib.CHECKPOINTS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"--checkpoint={workdir!r} holds no checkpoint: give the workdir of a "
+                     "flamingo-stage training run")
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  manager.close()
+  config = ml_collections.ConfigDict(saved)
+  abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        params)
+  # ``config`` is the run's own, so load_params' same-model check passes; it still checks the
+  # stage and falls back past unreadable steps.
+  params = checkpoint_lib.load_params(workdir, target, source="", stage="flamingo",
+                                      model_key="lm", config=config, setting="--checkpoint")
+  return nnx.merge(graphdef, params, rest)
+
+
+def build(checkpoint: str | None, preset: str | None, tokenizer_dir: str | None,
+          seed: int) -> tuple[Flamingo, Processor]:
+  """The model (from a checkpoint, or fresh from a preset) and its processor."""
+  if checkpoint is not None:
+    model = load_model(checkpoint)
+    tokenizer = (default_tokenizer() if tokenizer_dir is None else
+                 Tokenizer.from_pretrained(tokenizer_dir, model.config.lm.vocab_size))
+  else:
+    tokenizer = (default_tokenizer() if tokenizer_dir is None else
+                 Tokenizer.from_pretrained(tokenizer_dir))
+    config = model_config.get_model_config(preset)
+    config.lm.vocab_size = tokenizer.lm_vocab_size
+    model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(seed)))()
+  return model, Processor.from_model_config(model.config, tokenizer)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  model, processor = build(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.seed)
+  result = generate(model, processor, [FLAGS.text], [FLAGS.image],
+                    max_new_tokens=FLAGS.max_new_tokens, num_beams=FLAGS.num_beams,
+                    length_penalty=FLAGS.length_penalty, do_sample=FLAGS.do_sample,
+                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                    rng=FLAGS.seed)
+  print(result.text[0])
+
+
+if __name__ == "__main__":
+  app.run(main)
