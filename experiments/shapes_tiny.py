@@ -23,7 +23,7 @@ from xattn_vlm.models import config as model_config
 from xattn_vlm.train import configs
 
 RUNS = "runs/shapes_tiny"
-STEPS = {"lm_pretrain": 400, "vision_pretrain": 300, "flamingo": 400}
+STEPS = {"lm_pretrain": 400, "vision_pretrain": 200, "flamingo": 300}
 
 
 def model() -> ml_collections.ConfigDict:
@@ -60,8 +60,8 @@ def get_config(arg=None):
       "flamingo": dict(
           documents=configs.dataset("shapes", batch_size=8, weight=1.0, kind="interleaved",
                                     max_images=3, **shapes),
-          captions=configs.dataset("shapes", batch_size=16, weight=0.2, kind="caption", **shapes),
-          vqa=configs.dataset("shapes", batch_size=16, weight=0.2, kind="vqa", **shapes)),
+          captions=configs.dataset("shapes", batch_size=8, weight=0.2, kind="caption", **shapes),
+          vqa=configs.dataset("shapes", batch_size=8, weight=0.2, kind="vqa", **shapes)),
   }[settings.stage]
   config.optimizer.learning_rate = 3e-3 if settings.stage == "flamingo" else 1e-3
   config.optimizer.warmup_steps = 20

@@ -4,6 +4,7 @@ weights, the NaN guard, start-up checks and the loss pieces. Tiny config (experi
 
 import importlib.util
 import pathlib
+import shutil
 
 import grain
 import jax
@@ -94,6 +95,26 @@ def test_restore_onto_another_mesh(sharded_run):
   assert dict(kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   expected, got = leaves(sharded.params), leaves(restored.params)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_corrupt_latest_checkpoint_falls_back(sharded_run, tmp_path, caplog):
+  """Garbage in the latest step's array files: a warning, the step moved aside (not deleted), the
+  previous step restored, and the rerun last step reproduces the original parameters."""
+  workdir, sharded = sharded_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  data_files = [p for p in (copy / "checkpoints" / "3" / "state").rglob("*")
+                if p.is_file() and "d" in p.relative_to(copy).parts]
+  assert data_files
+  for path in data_files:
+    path.write_bytes(b"garbage" * 10)
+  state = trainer.train_and_evaluate(tiny(**MESH_222, **SGD), str(copy))
+  assert "checkpoint step 3" in caplog.text and "cannot be restored" in caplog.text
+  assert (copy / "checkpoints_corrupt" / "3").is_dir()
+  assert sorted(p.name for p in (copy / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+  expected, got = leaves(sharded.params), leaves(state.params)
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 

@@ -27,8 +27,14 @@ from jax.experimental import multihost_utils
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
 
-# Config fields that decide the shapes and meaning of the saved parameters.
-MODEL_FIELDS = ("stage", "model", "contrastive")
+# Per stage, the config fields that decide the shapes and meaning of the saved parameters
+# (compute dtype and rematerialisation do not).
+MODEL_FIELDS = {
+    "lm_pretrain": ("model.lm", "model.param_dtype"),
+    "vision_pretrain": ("model.vision", "model.param_dtype", "contrastive"),
+    "flamingo": ("model.lm", "model.vision", "model.resampler", "model.xattn",
+                 "model.num_added_tokens", "model.param_dtype"),
+}
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -44,10 +50,19 @@ def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
   return [] if saved == current else [f"{prefix}: saved {saved!r}, now {current!r}"]
 
 
-def model_differences(saved: dict[str, Any], current: dict[str, Any],
-                      fields=MODEL_FIELDS) -> list[str]:
-  """'config.model.lm.num_layers: saved 2, now 4' for every model-defining field that differs."""
-  return [d for f in fields for d in _differences(saved.get(f), current.get(f), f"config.{f}")]
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+  for key in dotted.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """'config.model.lm.num_layers: saved 2, now 4' for every field that decides the saved
+  parameters and differs (the stage first)."""
+  if saved.get("stage") != current["stage"]:
+    return [f"config.stage: saved {saved.get('stage')!r}, now {current['stage']!r}"]
+  return [d for f in MODEL_FIELDS[current["stage"]]
+          for d in _differences(_get(saved, f), _get(current, f), f"config.{f}")]
 
 
 def abstract_with_shardings(abstract, shardings):
@@ -162,8 +177,8 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
     if saved.get("stage") != stage:
       raise ValueError(f"{setting}={workdir!r} holds a {saved.get('stage')!r} run; expected a "
                        f"{stage!r} run")
-    differences = _differences(saved["model"].get(model_key), current["model"].get(model_key),
-                               f"config.model.{model_key}")
+    differences = _differences(_get(saved, f"model.{model_key}"),
+                               _get(current, f"model.{model_key}"), f"config.model.{model_key}")
     if differences:
       raise ValueError(f"{setting}={workdir!r} holds a different {model_key}: "
                        + "; ".join(differences[:5])
