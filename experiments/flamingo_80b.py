@@ -6,7 +6,8 @@ COMMAND (TPU v5p-2048, 1024 chips: run on every host of the pod; paths are yours
   python -m xattn_vlm.train --multiprocess --config=experiments/flamingo_80b.py:mesh=tpu \
       --workdir=gs://BUCKET/flamingo_80b --config.data.tokenizer=/ckpt/lm \
       --config.init.lm_hf_path=/ckpt/lm --config.init.vision_hf_path=/ckpt/vit \
-      --config.data.datasets.interleaved.path=/data/m3w --config.data.datasets.interleaved.image_root=/data/m3w_images \
+      --config.data.datasets.interleaved.path=/data/m3w \
+      --config.data.datasets.interleaved.image_root=/data/m3w_images \
       --config.data.datasets.pairs.path=/data/pairs_tars
 COMMAND (GPU, 128 nodes x 8 H100 under SLURM, one process per node):
   srun --nodes=128 --ntasks-per-node=1 python -m xattn_vlm.train --multiprocess \

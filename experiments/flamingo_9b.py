@@ -5,7 +5,8 @@ COMMAND (TPU v5p-256, 128 chips: on every host):
   python -m xattn_vlm.train --multiprocess --config=experiments/flamingo_9b.py:mesh=tpu \
       --workdir=gs://BUCKET/flamingo_9b --config.data.tokenizer=/ckpt/lm \
       --config.init.lm_hf_path=/ckpt/lm --config.init.vision_hf_path=/ckpt/vit \
-      --config.data.datasets.interleaved.path=/data/m3w --config.data.datasets.interleaved.image_root=/data/m3w_images \
+      --config.data.datasets.interleaved.path=/data/m3w \
+      --config.data.datasets.interleaved.image_root=/data/m3w_images \
       --config.data.datasets.pairs.path=/data/pairs_tars
 COMMAND (GPU, 16 nodes x 8 H100 under SLURM):
   srun --nodes=16 --ntasks-per-node=1 python -m xattn_vlm.train --multiprocess \

@@ -8,7 +8,8 @@ COMMAND (GPU, 8 nodes x 8 H100 under SLURM, as OpenFlamingo trained on 64 GPUs):
       --config=experiments/openflamingo_9b.py:mesh=gpu --workdir=/shared/openflamingo_9b \
       --config.data.tokenizer=/ckpt/mpt-7b --config.init.lm_hf_path=/ckpt/mpt-7b \
       --config.init.vision_hf_path=/ckpt/clip-vit-large-patch14 \
-      --config.data.datasets.interleaved.path=/data/mmc4 --config.data.datasets.interleaved.image_root=/data/mmc4_images \
+      --config.data.datasets.interleaved.path=/data/mmc4 \
+      --config.data.datasets.interleaved.image_root=/data/mmc4_images \
       --config.data.datasets.pairs.path=/data/laion_tars
 COMMAND (TPU v5p-128, 64 chips: on every host): the same with ``:mesh=tpu`` and a gs:// workdir.
 Presets: ``mesh=gpu`` (tensor 8 in a node, fsdp 8) or ``mesh=tpu`` (fsdp 16 x tensor 4);

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
@@ -193,15 +194,13 @@ def test_nan_batch_is_skipped(tmp_path, monkeypatch):
 
   s = trainer.setup(config)
   target = checkpoint_lib.abstract_with_shardings(s.abstract_state.params, s.state_sharding.params)
-  by_step = {}
-  for step in (1, 2, 3):
-    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
-    by_step[step] = leaves(checkpointer.manager.restore(step, args=checkpoint_lib.ocp.args.Composite(
-        state=checkpoint_lib.ocp.args.PyTreeRestore(
-            {"params": target},
-            restore_args=checkpoint_lib.ocp.checkpoint_utils.construct_restore_args(
-                {"params": target}), partial_restore=True))).state["params"])
-    checkpointer.close()
+  tree = {"params": target}
+  restore = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree), partial_restore=True))
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
+  by_step = {step: leaves(checkpointer.manager.restore(step, args=restore).state["params"])
+             for step in (1, 2, 3)}
+  checkpointer.close()
   for name, value in by_step[2].items():
     assert np.isfinite(value).all(), name
     np.testing.assert_array_equal(value, by_step[1][name], err_msg=name)

@@ -60,8 +60,8 @@ class DualEncoder(nnx.Module):
   def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     valid = attention_mask.astype(bool) & (input_ids < self.text_vocab_size)
     ids = jnp.where(valid, input_ids, 0)
-    hidden, _ = self.text.forward_embeddings(self.text.embed_tokens(ids),
-                                             layers.default_positions(valid), valid.astype(jnp.int32))
+    hidden, _ = self.text.forward_embeddings(
+        self.text.embed_tokens(ids), layers.default_positions(valid), valid.astype(jnp.int32))
     last = jnp.max(jnp.where(valid, jnp.arange(ids.shape[1]), 0), axis=1)  # [B]
     pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return _normalise(self.text_projection(pooled))

@@ -212,9 +212,10 @@ def make_train_step(s: Setup, weights: Mapping[str, float]) -> Callable:
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = s.tx.update(grads, state.opt_state, trainable)
-    keep_if_nonfinite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    trainable = keep_if_nonfinite(optax.apply_updates(trainable, updates), trainable)
-    opt_state = keep_if_nonfinite(opt_state, state.opt_state)
+    keep_old_if_nonfinite = functools.partial(jax.tree.map,
+                                              lambda new, old: jnp.where(finite, new, old))
+    trainable = keep_old_if_nonfinite(optax.apply_updates(trainable, updates), trainable)
+    opt_state = keep_old_if_nonfinite(opt_state, state.opt_state)
     params = nnx.merge_state(trainable, frozen)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,0 +1,119 @@
+"""Flamingo-stage train-step speed on the "bench-small" shapes (``models.config.bench_small``).
+
+Batch 8 x 128 tokens with one 64x64 image per sample, AdamW, float32. For 1 device and for 8
+forced host devices (mesh data=-1), with the vision tower running and with cached vision
+features, it prints the median step time after warm-up, tokens/s, the analytic model TFLOP/s
+(``train.flops``) and MFU against a float32 2048^3 matmul peak measured in the same process.
+
+On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over devices and MFU is
+that total over the one-device matmul peak (which already uses every core).
+
+COMMAND: python -m benchmarks.train_step --steps=10 --warmup=2
+(``--devices=N`` measures N forced devices in this process; by default one subprocess runs each
+of 1 and 8.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+
+
+def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
+  """Runs in a process whose XLA_FLAGS force ``devices`` host devices."""
+  # pylint: disable=import-outside-toplevel  # jax must see this process's XLA_FLAGS first
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from xattn_vlm.models import config as model_config
+  from xattn_vlm.train import configs, flops, sharding, trainer
+
+  config = configs.base_config()
+  config.model = model_config.bench_small()
+  config.data.max_tokens = 128
+  config.data.max_images = 1
+  config.data.datasets = dict(bench=configs.dataset("shapes", batch_size=8, kind="caption"))
+  s = trainer.setup(config)
+  peak = flops.measure_matmul_peak()
+  lm, vision = config.model.lm, config.model.vision
+  batch_size, length = 8, 128
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, lm.vocab_size, (batch_size, length)).astype(np.int32)
+  ids[:, 0] = lm.vocab_size  # <image> first: every token attends to the image
+  text = dict(input_ids=ids, attention_mask=np.ones_like(ids), labels=ids)
+  images = rng.standard_normal((batch_size, 1, 1, vision.image_size, vision.image_size, 3),
+                               np.float32)
+
+  state = trainer.create_train_state(s)
+  patches = (vision.image_size // vision.patch_size) ** 2
+  features = rng.standard_normal((batch_size, 1, 1, patches, vision.width), np.float32)
+  rows = []
+  for name, media in (("vision tower", dict(images=images, media_mask=np.ones((batch_size, 1),
+                                                                              bool))),
+                      ("cached features", dict(features=features))):
+    local = {"bench": {**text, **media}}
+    batches = sharding.global_batch(local, s.mesh, sharding.batch_spec(s.rules, s.mesh))
+    step = jax.jit(trainer.make_train_step(s, {"bench": 1.0}), donate_argnums=(0,),
+                   in_shardings=(s.state_sharding, jax.tree.map(lambda x: x.sharding, batches)),
+                   out_shardings=(s.state_sharding, NamedSharding(s.mesh, P())))
+    start = time.perf_counter()
+    state, metrics = step(state, batches)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+      start = time.perf_counter()
+      state, metrics = step(state, batches)
+      jax.block_until_ready(metrics)
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    model_flops = flops.step_flops(config, jax.tree.map(lambda x: x.shape, batches))
+    rows.append(dict(devices=devices, media=name, step_s=seconds, compile_s=compile_s,
+                     tokens_per_s=batch_size * length / seconds,
+                     tflops=model_flops / seconds / 1e12, mfu=model_flops / seconds / peak,
+                     peak_tflops=peak / 1e12, loss=float(jnp.asarray(metrics["loss"]))))
+  return rows
+
+
+def main(argv) -> None:
+  del argv
+  steps, warmup = _STEPS.value, _WARMUP.value
+  if _DEVICES.value:
+    print(json.dumps(_measure(_DEVICES.value, steps, warmup)))
+    return
+  rows = []
+  for devices in (1, 8):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--devices={devices}",
+                          f"--steps={steps}", f"--warmup={warmup}"],
+                         cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    rows += json.loads(out.strip().splitlines()[-1])
+  print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
+        f"float32; median of {steps} steps after {warmup} warm-up")
+  print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU | "
+        "f32 matmul peak TFLOP/s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['devices']} | {r['media']} | {r['step_s']:.3f} | {r['compile_s']:.1f} | "
+          f"{r['tokens_per_s']:,.0f} | {r['tflops']:.4f} | {r['mfu']:.1%} | "
+          f"{r['peak_tflops']:.3f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
