@@ -1,7 +1,9 @@
 """Few-shot prompts: golden strings for every task at 0, 2 and 4 shots."""
 
+import numpy as np
 import pytest
 
+from xattn_vlm.data import default_tokenizer, sequence, shapes_world
 from xattn_vlm.eval import prompts
 
 EOC = "<|endofchunk|>"
@@ -17,9 +19,8 @@ EXAMPLES = {
     "hateful_memes": [{"image": f"img{i}", "ocr": o, "label": lab} for i, (o, lab) in enumerate(
         [("have a nice day", "no"), ("you people", "yes"), ("cats rule", "no"),
          ("monday again", "no"), ("look at this", "")])],
-    "shapes_binding": [{"image": f"img{i}", "shape": s, "color": c} for i, (s, c) in enumerate(
-        [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("star", "yellow"),
-         ("circle", "")])],
+    "shapes_binding": [{"image": f"img{i}", "name": n} for i, n in enumerate(
+        ["dax", "blicket", "dax", "wug", ""])],
 }
 
 GOLDEN = {
@@ -61,17 +62,13 @@ GOLDEN = {
         + "<image>is an image with: 'cats rule' written on it. Is it hateful? Answer:no" + EOC
         + "<image>is an image with: 'monday again' written on it. Is it hateful? Answer:no" + EOC
         + "<image>is an image with: 'look at this' written on it. Is it hateful? Answer:",
-    ("shapes_binding", 0): "Question:What color is the circle? Answer:red" + EOC
-                           + "Question:What color is the square? Answer:blue" + EOC
-                           + "<image>Question:What color is the circle? Answer:",
-    ("shapes_binding", 2): "<image>Question:What color is the circle? Answer:red" + EOC
-                           + "<image>Question:What color is the square? Answer:blue" + EOC
-                           + "<image>Question:What color is the circle? Answer:",
-    ("shapes_binding", 4): "<image>Question:What color is the circle? Answer:red" + EOC
-                           + "<image>Question:What color is the square? Answer:blue" + EOC
-                           + "<image>Question:What color is the triangle? Answer:green" + EOC
-                           + "<image>Question:What color is the star? Answer:yellow" + EOC
-                           + "<image>Question:What color is the circle? Answer:",
+    ("shapes_binding", 0): "This is a dax." + EOC + "This is a blicket." + EOC
+                           + "<image>What is this? It is a",
+    ("shapes_binding", 2): "<image>This is a dax." + EOC + "<image>This is a blicket." + EOC
+                           + "<image>What is this? It is a",
+    ("shapes_binding", 4): "<image>This is a dax." + EOC + "<image>This is a blicket." + EOC
+                           + "<image>This is a dax." + EOC + "<image>This is a wug." + EOC
+                           + "<image>What is this? It is a",
 }
 
 
@@ -87,6 +84,25 @@ def test_prompt_golden(task, shots):
   assert prompt.text.count("<image>") == len(prompt.images)
 
 
+@pytest.mark.parametrize("num_shots", [1, 4])
+def test_binding_template_is_the_episode_text(num_shots):
+  """The shapes_binding prompt is the binding episode as training lays it out (one <image> and
+  <|endofchunk|> around each support), cut where the answer starts."""
+  episode = shapes_world.binding_episode("test", 0, 3, num_shots=num_shots, image_size=8)
+  tokenizer = default_tokenizer()
+  chunks = [c if isinstance(c, str) else np.zeros((8, 8, 3), np.float32)
+            for c in episode["chunks"]]
+  example = sequence.build_example(chunks, tokenizer, max_tokens=128, max_images=num_shots + 1,
+                                   image_shape=(1, 8, 8, 3))
+  trained = tokenizer.decode(example["input_ids"][example["attention_mask"] == 1])
+  names = dict(zip(episode["shapes"], episode["names"]))
+  demos = [{"image": i, "name": names[scene.objects[0].shape]}
+           for i, scene in enumerate(episode["scenes"][:-1])]
+  prompt = prompts.build_prompt("shapes_binding", {"image": "query"}, demos, num_shots)
+  assert trained.startswith(prompt.text)
+  assert trained[len(prompt.text):].startswith(f" {episode['answer']}." + EOC)
+
+
 def test_num_demonstrations():
   assert [prompts.num_demonstrations(s) for s in (0, 4, 8, 16, 32)] == [2, 4, 8, 16, 32]
   with pytest.raises(ValueError, match="shots"):
@@ -98,7 +114,7 @@ def test_custom_template_and_errors():
   query = {"image": 0, "lang": "fr"}
   demo = {"image": 1, "lang": "fr", "text": "un chat"}
   assert prompts.build_prompt(template, query, [demo], 1) == (
-      "<image>Caption (fr): un chat<|endofchunk|><image>Caption (fr): ", [1, 0])
+      "<image>Caption (fr): un chat<|endofchunk|><image>Caption (fr):", [1, 0])  # no space left
   with pytest.raises(ValueError, match="needs 2 demonstrations"):
     prompts.build_prompt(template, query, [demo], 0)
   with pytest.raises(KeyError, match="'lang'"):

@@ -14,6 +14,8 @@ import dataclasses
 import string
 from typing import Any, Mapping, NamedTuple, Sequence
 
+from xattn_vlm.data import shapes_world
+
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 ZERO_SHOT_TEXT_DEMONSTRATIONS = 2
@@ -28,28 +30,35 @@ class PromptTemplate:
       holds exactly one image token.
     answer_field: the slot the model fills; the query is ``text`` cut just before it.
     image_token: the token marking where the example's image sits.
+    demonstration_text: the demonstrations' form when it differs from the query's (binding
+      episodes: supports say "This is a {name}.", the query asks "What is this? It is a"); None
+      means ``text``. Same rules: one answer slot, one image token.
   """
   text: str
   answer_field: str
   image_token: str = IMAGE_TOKEN
+  demonstration_text: str | None = None
 
   def __post_init__(self):
-    fields = self.fields
-    if fields.count(self.answer_field) != 1:
-      raise ValueError(f"template {self.text!r} must have exactly one {{{self.answer_field}}} slot "
-                       f"(answer_field), found fields {fields}")
-    if self.text.count(self.image_token) != 1:
-      raise ValueError(f"template {self.text!r} must hold the image token {self.image_token!r} "
-                       f"exactly once, found it {self.text.count(self.image_token)} times")
+    for text in (self.text, self.demonstration_text):
+      if text is None:
+        continue
+      fields = _fields(text)
+      if fields.count(self.answer_field) != 1:
+        raise ValueError(f"template {text!r} must have exactly one {{{self.answer_field}}} slot "
+                         f"(answer_field), found fields {fields}")
+      if text.count(self.image_token) != 1:
+        raise ValueError(f"template {text!r} must hold the image token {self.image_token!r} "
+                         f"exactly once, found it {text.count(self.image_token)} times")
 
   @property
   def fields(self) -> list[str]:
-    """The slot names in order of appearance."""
-    return [name for _, name, _, _ in string.Formatter().parse(self.text) if name is not None]
+    """The query form's slot names in order of appearance."""
+    return _fields(self.text)
 
   def _fill(self, text: str, example: Mapping[str, Any]) -> str:
     values = {}
-    for name in [n for _, n, _, _ in string.Formatter().parse(text) if n is not None]:
+    for name in _fields(text):
       if name not in example:
         raise KeyError(f"the template {self.text!r} needs field {name!r}, but the example only has "
                        f"{sorted(example)}")
@@ -58,12 +67,21 @@ class PromptTemplate:
     return text.format(**values)
 
   def demonstration(self, example: Mapping[str, Any]) -> str:
-    """The template filled from ``example``, answer included."""
-    return self._fill(self.text, example)
+    """The demonstration form filled from ``example``, answer included."""
+    return self._fill(self.demonstration_text or self.text, example)
 
   def query(self, example: Mapping[str, Any]) -> str:
-    """The template filled from ``example`` up to the answer, which is left for the model."""
-    return self._fill(self.text[:self.text.index("{" + self.answer_field + "}")], example)
+    """The template filled from ``example`` up to the answer, which is left for the model.
+
+    Spaces right before the answer slot are left out too: byte-level BPE tokenizers attach a
+    word's leading space to the word, so the model writes " dax", as it saw in training.
+    """
+    cut = self.text[:self.text.index("{" + self.answer_field + "}")].rstrip(" ")
+    return self._fill(cut, example)
+
+
+def _fields(text: str) -> list[str]:
+  return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
 
 
 # OpenFlamingo's prompts (REFERENCE.md). Its code ends every demonstration with <|endofchunk|>,
@@ -76,10 +94,12 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "hateful_memes": PromptTemplate(
         f"{IMAGE_TOKEN}is an image with: '{{ocr}}' written on it. Is it hateful? "
         f"Answer:{{label}}{END_OF_CHUNK}", "label"),
-    # Our synthetic shapes world: which colour is bound to which shape in the picture.
+    # The shapes world's fast-binding episodes (shapes_world.binding_episode), in the episode's
+    # own words: supports "<image>This is a dax.", then "<image>What is this? It is a" for the
+    # model to finish with a name it only saw in this prompt.
     "shapes_binding": PromptTemplate(
-        f"{IMAGE_TOKEN}Question:What color is the {{shape}}? Answer:{{color}}{END_OF_CHUNK}",
-        "color"),
+        f"{IMAGE_TOKEN}{shapes_world.QUERY_PROMPT} {{name}}.{END_OF_CHUNK}", "name",
+        demonstration_text=f"{IMAGE_TOKEN}{shapes_world.SUPPORT_FORMAT}{END_OF_CHUNK}"),
 }
 
 
