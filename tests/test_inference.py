@@ -146,6 +146,24 @@ def test_images_change_the_generation(split, batch, tokenizer, greedy):
   assert not np.allclose(greedy.log_probs[1:], flipped.log_probs[1:], atol=1e-3)
 
 
+def test_decode_state_does_not_grow_with_the_images(split, processor, tokenizer):
+  """After prefill only the last image's cross-attention keys/values stay in the loop state, so a
+  decode step costs the same for 1 and 5 image slots (nothing is compiled here, only traced)."""
+
+  def loop_state(max_images):
+    batch = processor([[_image(0), "Output:"]], pad_to_length=LENGTH, max_images=max_images)
+
+    def run(params):
+      logits, state, step = decoding.start_cached(split.graph.merge(params), batch.images,
+                                                  batch.input_ids, batch.attention_mask, NEW)
+      return decoding.sample_loop(logits, state, step, _config(tokenizer), jax.random.key(0))
+
+    (loop,) = [e for e in jax.make_jaxpr(run)(split.params).eqns if e.primitive.name == "while"]
+    return [v.aval for v in loop.invars]
+
+  assert loop_state(1) == loop_state(SLOTS)
+
+
 def test_left_padding_changes_no_output(split, processor, tokenizer, greedy):
   for i, prompt in enumerate(PROMPTS):
     alone = processor([prompt])

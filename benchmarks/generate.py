@@ -1,0 +1,142 @@
+"""Generation speed on the bench-small model: cached vs recomputed decoding, decode cost per token
+against the number of images, prefill cost against prompt length.
+
+COMMAND: python -m benchmarks.generate --batch_size=8 --new_tokens=20 --repeats=5
+
+The workload is a 4-shot captioning prompt: ``(<image>Output: caption<|endofchunk|>) x 4`` then
+``<image>Output: a``, 5 images of 64x64, 84 tokens, random weights and token ids (speed does not
+depend on them). Stop tokens are disabled so every sequence generates exactly ``--new_tokens``
+tokens. Every time is the median of ``--repeats`` runs after one warm-up run (compilation).
+The per-token decode time is (time for ``--decode_tokens`` + 1 new tokens - time for 1) /
+``--decode_tokens`` with the prompt length held fixed, so it excludes the prefill.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from xattn_vlm.inference import Batch, GenerationConfig, InferenceModel, generate_tokens
+from xattn_vlm.inference.scoring import prefill
+from xattn_vlm.models import config as model_config
+from xattn_vlm.models.flamingo import Flamingo
+
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "prompts per batch")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 20, "tokens generated per prompt")
+_DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 64, "tokens timed for the per-token cost")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per row (the median is reported)")
+_SHOTS = 4
+_SHOT_TOKENS = 20  # <image>, "Output:" (2 tokens), a 16-token caption, <|endofchunk|>
+_QUERY_TOKENS = 4  # <image>Output: a
+
+
+def few_shot_batch(config, batch_size: int, num_images: int, length: int | None = None,
+                   seed: int = 0) -> Batch:
+  """``num_images - 1`` demonstrations and a query, left padded to ``length`` tokens (default the
+  prompt's own length): random token ids in the captioning layout (padding too, masked off),
+  random pixels."""
+  rng = np.random.default_rng(seed)
+  media, eoc, vocab = config.lm.vocab_size, config.lm.vocab_size + 1, config.lm.vocab_size
+  prompts = []
+  for _ in range(batch_size):
+    ids = []
+    for _ in range(num_images - 1):
+      ids += [media, *rng.integers(0, vocab, _SHOT_TOKENS - 2), eoc]
+    ids += [media, *rng.integers(0, vocab, _QUERY_TOKENS - 1)]
+    prompts.append(ids)
+  length = length or len(prompts[0])
+  if len(prompts[0]) > length:
+    raise ValueError(f"length ({length}) must hold the {len(prompts[0])}-token prompt")
+  input_ids = rng.integers(0, vocab, (batch_size, length)).astype(np.int32)
+  input_ids[:, length - len(prompts[0]):] = prompts
+  mask = np.zeros((batch_size, length), np.int32)
+  mask[:, length - len(prompts[0]):] = 1
+  size = config.vision.image_size
+  images = rng.standard_normal((batch_size, num_images, 1, size, size, 3)).astype(np.float32)
+  return Batch(input_ids=input_ids, attention_mask=mask, images=images,
+               media_mask=np.ones((batch_size, num_images), bool))
+
+
+def median_time(fn, repeats: int) -> float:
+  """Median wall time of ``fn()`` (blocked until ready) over ``repeats`` runs after a warm-up."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_gflops(repeats: int) -> float:
+  """This machine's float32 matmul rate now (2048^3), the yardstick for the prefill's rate."""
+  a = jnp.ones((2048, 2048), jnp.float32)
+  return 2 * 2048**3 / median_time(lambda: jnp.dot(a, a), repeats) / 1e9
+
+
+def main(argv):
+  del argv
+  config = model_config.bench_small()
+  model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(0)))()
+  for block in model.gated_blocks:  # open gates: the cross-attention runs as in a trained model
+    block.attn_gate[...] = jnp.asarray(1.0)
+    block.ffw_gate[...] = jnp.asarray(1.0)
+  model = InferenceModel(model)
+  b, n, repeats = _BATCH_SIZE.value, _NEW_TOKENS.value, _REPEATS.value
+
+  def gen(batch, new_tokens, **kw):
+    cfg = GenerationConfig(max_new_tokens=new_tokens,
+                           suppress_token_ids=(config.lm.vocab_size,), **kw)
+    return lambda: generate_tokens(model, batch, cfg).tokens
+
+  batch = few_shot_batch(config, b, _SHOTS + 1)
+  length = batch.input_ids.shape[1]
+  cached = median_time(gen(batch, n), repeats)
+  uncached = median_time(gen(batch, n, use_cache=False), repeats)
+  prefill_args = (model.graph, model.params, batch.images, batch.input_ids, batch.attention_mask,
+                  n)
+  prefill_time = median_time(lambda: prefill(*prefill_args)[0], repeats)
+  prefill_flops = prefill.lower(*prefill_args).compile().cost_analysis()["flops"]
+  beam = median_time(gen(batch, n, num_beams=3), repeats)
+  print(f"bench_small, {_SHOTS}-shot captioning prompt: batch {b}, {_SHOTS + 1} images of "
+        f"{config.vision.image_size}px, {length} tokens, {n} new tokens; device "
+        f"{jax.devices()[0].device_kind}, medians of {repeats}\n")
+  print("| decoding | wall time (s, prefill included) | new tokens/s | speedup |")
+  print("|---|---|---|---|")
+  for name, seconds in (("recomputed (full forward per token)", uncached),
+                        ("cached, greedy", cached), ("cached, beam 3", beam)):
+    print(f"| {name} | {seconds:.3f} | {b * n / seconds:,.0f} | {uncached / seconds:.1f}x |")
+  print(f"| prefill alone | {prefill_time:.3f} | | |")
+  print(f"\nprefill: {prefill_flops / 1e9:.1f} GFLOP (XLA cost analysis) at "
+        f"{prefill_flops / prefill_time / 1e9:.0f} GFLOP/s; a 2048^3 float32 matmul runs at "
+        f"{matmul_gflops(repeats):.0f} GFLOP/s on this machine now")
+
+  k = _DECODE_TOKENS.value
+  fixed = 7 * _SHOT_TOKENS + _QUERY_TOKENS  # the 8-image prompt's length
+  print(f"\n| images in prompt | per-token decode time (ms, batch {b}, prompt {fixed} tokens) |")
+  print("|---|---|")
+  for num_images in (1, 4, 8):
+    batch = few_shot_batch(config, b, num_images, length=fixed)
+    long = median_time(gen(batch, k + 1), repeats)
+    short = median_time(gen(batch, 1), repeats)
+    print(f"| {num_images} | {1e3 * (long - short) / k:.2f} |")
+
+  print(f"\n| prompt tokens | prefill time (ms, batch {b}, 5 images) | per prompt token (us) |")
+  print("|---|---|---|")
+  for prompt_length in (84, 128, 192, config.lm.max_length - 8):
+    batch = few_shot_batch(config, b, _SHOTS + 1, length=prompt_length)
+    batch = Batch(batch.input_ids, np.ones_like(batch.attention_mask), batch.images,
+                  batch.media_mask)  # the filler before the demonstrations counts as text
+    seconds = median_time(lambda: prefill(model.graph, model.params, batch.images,
+                                          batch.input_ids, batch.attention_mask, 8)[0], repeats)
+    print(f"| {prompt_length} | {1e3 * seconds:.1f} | {1e6 * seconds / (b * prompt_length):.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
