@@ -1,4 +1,4 @@
-"""The ``python -m xattn_vlm.prompt`` entry point's library half: building the model and processor."""
+"""``python -m xattn_vlm.prompt``'s library half: building the model and its processor."""
 
 import pytest
 

@@ -1,5 +1,5 @@
-"""Inference: the processor's batches and errors, cached vs recomputed generation, left padding, beam
-search, scoring of continuations and sharded parameters.
+"""Inference: the processor's batches and errors, cached vs recomputed generation, left padding,
+beam search, scoring of continuations and sharded parameters.
 
 One random tiny model with its gates opened (so images change the logits) and fixed batch shapes,
 so the compiled loops are shared between tests.

@@ -6,7 +6,8 @@
 
 ``--checkpoint`` is the workdir of a ``flamingo``-stage training run (its latest checkpoint);
 ``--config`` names a model preset (``xattn_vlm.models.config``) and builds a fresh random model,
-with the LM vocabulary sized to the tokenizer. The images fill the ``<image>`` placeholders in order.
+with the LM vocabulary sized to the tokenizer. The images fill the ``<image>`` placeholders in
+order.
 """
 
 from __future__ import annotations

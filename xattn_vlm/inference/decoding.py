@@ -47,7 +47,8 @@ class GenerationConfig:
       length_penalty`` (Hugging Face's convention; 0 ranks by total log-prob, negative prefers
       shorter sequences; OpenFlamingo's evaluation used 0.0 and, earlier, -2.0).
     do_sample: sample instead of taking the argmax (num_beams must be 1).
-    temperature, top_k, top_p: sampling filters, applied in this order (top_k 0 and top_p 1 are off).
+    temperature, top_k, top_p: sampling filters, applied in this order (top_k 0 and top_p 1
+      switch theirs off).
     stop_token_ids: a sequence ends after emitting one of these.
     pad_token_id: fills the positions after a sequence's end.
     suppress_token_ids: never generated (``<image>``).
@@ -177,7 +178,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   """Sets to -inf the logits outside the top ``top_k`` and outside the smallest set of most likely
   tokens whose probability reaches ``top_p`` (the most likely token always stays)."""
   if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1:
     ordered = jnp.sort(logits, axis=-1)[..., ::-1]
@@ -198,7 +199,7 @@ def _choose(logits: jax.Array, config: GenerationConfig, key: jax.Array) -> jax.
 
 
 def sample_loop(logits: jax.Array, state: Any, step: Step, config: GenerationConfig,
-                 rng: jax.Array) -> GenerationOutput:
+                rng: jax.Array) -> GenerationOutput:
   """Greedy or sampled decoding: one token per sequence per iteration."""
   b, n = logits.shape[0], config.max_new_tokens
   stop = jnp.asarray(config.stop_token_ids, jnp.int32)
@@ -252,7 +253,7 @@ def _penalised(score: jax.Array, length: jax.Array, config: GenerationConfig) ->
 
 
 def beam_search(logits: jax.Array, state: Any, step: Step,
-                 config: GenerationConfig) -> GenerationOutput:
+                config: GenerationConfig) -> GenerationOutput:
   """Beam search: at step t the K live beams' extensions are ranked by total log-prob; those that
   end in a stop token compete, length-penalised, for the finished slot, the best K others live on.
   A prompt is settled once no live beam can beat its finished one (log-probs only decrease)."""
