@@ -1,0 +1,156 @@
+"""Multi-host training on one machine: ``launch/local_multiprocess.sh`` runs
+``python -m xattn_vlm.train --multiprocess`` as 2 processes x 4 CPU devices on 127.0.0.1.
+
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from test_train import leaves, losses, tiny
+from xattn_vlm.train import checkpoint as checkpoint_lib
+from xattn_vlm.train import distributed
+from xattn_vlm.train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def _launch(tmp_path, name: str, launcher_args, command) -> tuple[subprocess.Popen, pathlib.Path]:
+  """Starts the launcher; its output (process 0's and its own) goes to ``<name>.log``."""
+  log = tmp_path / f"{name}.log"
+  process = subprocess.Popen(
+      [str(LAUNCHER), f"--log_dir={tmp_path / name}", *launcher_args, "2", *command],
+      cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+  return process, log
+
+
+def _train_command(workdir, preset: str = "flamingo", *overrides) -> list[str]:
+  return [sys.executable, "-m", "xattn_vlm.train", "--multiprocess",
+          f"--config=experiments/tiny_test.py:{preset}", f"--workdir={workdir}", *overrides]
+
+
+def _tail(log: pathlib.Path) -> str:
+  return log.read_text()[-4000:]
+
+
+def test_environment_gives_process_count_id_and_heartbeat():
+  assert distributed.initialize_args({}) == {}
+  assert distributed.initialize_args({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
+                                      "JAX_HEARTBEAT_TIMEOUT_SECONDS": "5"}) == dict(
+                                          num_processes=4, process_id=3,
+                                          heartbeat_timeout_seconds=5)
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not"):
+    distributed.initialize_args({"JAX_NUM_PROCESSES": "2"})
+  with pytest.raises(ValueError, match=r"JAX_PROCESS_ID: expected < JAX_NUM_PROCESSES=2, got 2"):
+    distributed.initialize_args({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+  with pytest.raises(ValueError, match="JAX_HEARTBEAT_TIMEOUT_SECONDS: expected an integer >= 1, "
+                                       "got 'soon'"):
+    distributed.initialize_args({"JAX_HEARTBEAT_TIMEOUT_SECONDS": "soon"})
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
+  """2 processes x 4 devices train the tiny Flamingo stage for 3 steps: the same losses as one
+  process with 8 devices (same mesh, data 8), metrics written once (by process 0), and the
+  checkpoint they wrote together restores in this single process onto its own mesh."""
+  workdir = tmp_path / "two_processes"
+  process, log = _launch(tmp_path, "launch", [], _train_command(workdir))
+  assert process.wait(timeout=600) == 0, _tail(log)
+  single = trainer.train_and_evaluate(tiny(), str(tmp_path / "one_process"))
+
+  assert len(losses(workdir)) == 3
+  np.testing.assert_allclose(losses(workdir), losses(tmp_path / "one_process"), rtol=1e-5,
+                             atol=1e-5)
+  assert "process 1 of 2" in (tmp_path / "launch" / "process_1.log").read_text()
+
+  s = trainer.setup(tiny())
+  target = checkpoint_lib.abstract_with_shardings(s.abstract_state, s.state_sharding)
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), tiny().checkpoint)
+  assert checkpointer.manager.all_steps() == [2, 3]
+  restored = checkpointer.manager.restore(3, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target))).state
+  checkpointer.close()
+  assert int(restored.step) == 3
+  kernel = restored.params["lm"]["blocks"][0]["mlp"]["up"]["kernel"][...]
+  assert kernel.sharding.mesh.devices.size == jax.device_count() == 8
+  expected, got = leaves(single.params), leaves(restored.params)
+  assert got.keys() == expected.keys()
+  for name in expected:
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+  """SIGKILL process 1 mid-training: process 0, waiting in a collective, is stopped by JAX's
+  distributed service once the heartbeat times out (5 s here), not by the launcher (its grace
+  period is 60 s), and the launcher exits non-zero."""
+  workdir = tmp_path / "run"
+  process, log = _launch(
+      tmp_path, "launch", ["--heartbeat_timeout=5", "--grace=60"],
+      _train_command(workdir, "lm_pretrain", "--config.total_steps=100000",
+                     "--config.checkpoint.every_steps=100000"))
+  deadline = time.monotonic() + 400
+  while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
+    assert process.poll() is None, f"exited early:\n{_tail(log)}"
+    if time.monotonic() > deadline:
+      process.kill()
+      pytest.fail(f"no training step within 400 s:\n{_tail(log)}")
+    time.sleep(0.1)
+  pid = int(re.search(r"process 1 pid (\d+)", log.read_text()).group(1))
+  os.kill(pid, 9)
+  killed = time.monotonic()
+  returncode = process.wait(timeout=120)
+  elapsed = time.monotonic() - killed
+  print(f"process 0 stopped {elapsed:.1f} s after process 1 was killed")
+  assert returncode != 0
+  assert elapsed < 30, _tail(log)
+  assert "terminating the" not in log.read_text(), _tail(log)
+
+
+def test_launcher_stops_the_others_after_the_grace_period(tmp_path):
+  """Without JAX in the loop: process 1 fails at once, process 0 would sleep a minute; with
+  --grace=1 the launcher terminates it and exits with process 1's status."""
+  start = time.monotonic()
+  process, log = _launch(tmp_path, "launch", ["--grace=1", "--port=1"],
+                         ["sh", "-c", 'test "$JAX_PROCESS_ID" = 1 && exit 3; sleep 60'])
+  assert process.wait(timeout=30) == 3, _tail(log)
+  assert time.monotonic() - start < 15
+  assert "process 1 exited with status 3" in log.read_text()
+  assert "terminating the 1 processes still running" in log.read_text()
+
+
+def test_launcher_dry_run_prints_each_process_environment(tmp_path):
+  result = subprocess.run(
+      [str(LAUNCHER), "--dry_run", "--port=4321", "--devices_per_process=2",
+       f"--log_dir={tmp_path}", "2", "python", "-m", "xattn_vlm.train", "--multiprocess",
+       "--workdir=/tmp/a b"], cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+  lines = result.stdout.splitlines()
+  assert len(lines) == 2
+  for i, line in enumerate(lines):
+    assert "JAX_COORDINATOR_ADDRESS=127.0.0.1:4321 JAX_NUM_PROCESSES=2" in line
+    assert f"JAX_PROCESS_ID={i} " in line
+    assert "--xla_force_host_platform_device_count=2" in line
+    assert line.endswith(r"--workdir=/tmp/a\ b &" if i == 0 else
+                         rf"--workdir=/tmp/a\ b >{tmp_path}/process_1.log 2>&1 &")
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["0", "true"], "N: expected a positive integer, got '0'"),
+    (["2"], "expected N and a COMMAND"),
+    (["--devices=4", "2", "true"], "unknown option '--devices=4'"),
+])
+def test_launcher_rejects_bad_arguments(args, message):
+  result = subprocess.run([str(LAUNCHER), *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True)
+  assert result.returncode == 2 and message in result.stderr
