@@ -227,6 +227,11 @@ def test_bad_config_fails_at_start(tmp_path, overrides, message):
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+def test_contrastive_stage_refuses_microbatches():
+  with pytest.raises(ValueError, match=r"config\.microbatches: the vision_pretrain loss"):
+    trainer.check_config(tiny("vision_pretrain", microbatches=2))
+
+
 def test_fsdp_check_refuses_replicated_large_params():
   """With fsdp > 1, a large parameter that no rule shards over fsdp is an error at start."""
   config = tiny()

@@ -1,5 +1,6 @@
 """Preemption and exact resume of ``python -m xattn_vlm.train``, in subprocesses (8 CPU devices)."""
 
+import json
 import os
 import pathlib
 import random
@@ -80,9 +81,10 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path):
   elapsed = time.monotonic() - sent
   assert returncode == 0, log.read_text()[-3000:]
   print(f"saved and exited {elapsed:.1f} s after SIGTERM")
-  assert elapsed < 20, f"took {elapsed:.1f} s to save and exit after SIGTERM"
-  last_step = metrics_lib.read_metrics(str(workdir))[-1]["step"]
-  assert last_step < STEPS and _checkpoint_steps(workdir)[-1] == last_step
+  assert elapsed < 30, f"took {elapsed:.1f} s to save and exit after SIGTERM"  # loaded CI: ~10 s
+  last_step = json.loads(_rows(workdir)[-1])["step"]  # this run's last step
+  assert len(_rows(workdir)) > rows_before and last_step < STEPS
+  assert _checkpoint_steps(workdir)[-1] == last_step
 
   log = tmp_path / "finished.log"
   process = _start(workdir, log)

@@ -1,8 +1,8 @@
 """``python -m xattn_vlm.train --config=experiments/<name>.py[:preset] --workdir=DIR``.
 
 Dotted overrides (``--config.total_steps=20``) apply on top of the file; an unknown key fails at
-start. ``--multiprocess`` calls ``jax.distributed.initialize()`` first (TPU pods, SLURM, or the
-coordinator settings in the environment).
+start. ``--multiprocess`` joins a multi-process run first (``train.distributed.initialize``:
+TPU pods, SLURM, or the coordinator settings a launcher puts in the environment).
 """
 
 from absl import app
@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 import jax
 
+from xattn_vlm.train import distributed
 from xattn_vlm.train import trainer
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
@@ -26,7 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.multiprocess:
-    jax.distributed.initialize()
+    distributed.initialize()
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)

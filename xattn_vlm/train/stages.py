@@ -55,6 +55,9 @@ class Pretrained:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
+  """One stage: ``loss_sum(model, batch)`` is divided by ``normalizer(batch)`` (the dataset
+  batch's, computed before any microbatch); ``splits_into_microbatches`` is False for a loss that
+  needs the whole batch at once; ``model_metrics(config, params)`` are logged every step."""
   name: str
   build_model: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
   trainable: nnx.filterlib.Filter

@@ -75,13 +75,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           and prefix + "." + key not in ("config.model", "config.contrastive.text")):
         walk(given[key], known[key], f"{prefix}.{key}")
   walk(config, configs.base_config(), "config")
-  stages_lib.get_stage(config.stage)
+  stage = stages_lib.get_stage(config.stage)
   for name in ("total_steps", "microbatches", "log_every_steps", "max_nonfinite_in_a_row"):
     if config[name] < 1:
       raise ValueError(f"config.{name}: expected >= 1, got {config[name]}")
-  if config.stage == "vision_pretrain" and config.microbatches != 1:
-    raise ValueError(f"config.microbatches: the contrastive loss needs the whole batch as "
-                     f"negatives; expected 1 for stage vision_pretrain, got {config.microbatches}")
+  if not stage.splits_into_microbatches and config.microbatches != 1:
+    raise ValueError(f"config.microbatches: the {stage.name} loss needs the whole batch at once "
+                     f"(contrastive negatives); expected 1, got {config.microbatches}")
   if config.data.max_tokens > config.model.lm.max_length:
     raise ValueError(f"config.data.max_tokens={config.data.max_tokens} exceeds "
                      f"config.model.lm.max_length={config.model.lm.max_length}")
