@@ -142,6 +142,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return settings
 
 
+# bf16 dense peak FLOP/s per chip, for MFU: TPU v5p and H100 SXM (vendor figures).
+PEAK_FLOPS = {"tpu": 459e12, "gpu": 989e12}
+
+
 def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, int]],
                  settings: ml_collections.ConfigDict, *, interleaved_batch: int,
                  pairs_batch: int, steps: int) -> ml_collections.ConfigDict:
@@ -172,4 +176,5 @@ def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, i
   config.checkpoint.every_steps = 1000
   config.checkpoint.keep_period = 50_000
   config.log_every_steps = 100
+  config.peak_flops_per_device = PEAK_FLOPS[settings.mesh]
   return config
