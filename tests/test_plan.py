@@ -1,0 +1,103 @@
+"""``python -m xattn_vlm.plan``: the training step compiled ahead of time for a Cloud TPU topology
+through libtpu (no TPU here), and the analytic estimate for GPU clusters."""
+
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from test_train import REPO, experiment_config, tiny
+from xattn_vlm.train import input_pipeline
+from xattn_vlm.train import plan_lib
+from xattn_vlm.train import sharding as sharding_lib
+
+
+@pytest.fixture(scope="module")
+def tpu_plan():
+  """The tiny config's step compiled for a TPU v5e 2x2 slice (4 chips)."""
+  return plan_lib.compile_plan(tiny(), plan_lib.tpu_devices("v5e:2x2"), "TPU topology v5e:2x2")
+
+
+def test_printed_memory_is_xla_memory_analysis(tpu_plan):
+  stats = tpu_plan.compiled.memory_analysis()
+  text = plan_lib.report(tpu_plan)
+  print(text)
+  rows = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+          "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+          "generated code": stats.generated_code_size_in_bytes}
+  for label, value in rows.items():
+    assert re.search(rf"^  {label} +{value:,} B ", text, re.M), label
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+           + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
+  assert re.search(rf"^  total +{total:,} B .* of 16\.00 GiB HBM per device .*-> fits$", text,
+                   re.M)
+  assert tpu_plan.device_flops == plan_lib.cost_analysis(tpu_plan.compiled)["flops"] > 0
+  assert "mesh: data 4 x fsdp 1 x tensor 1 = 4 devices" in text
+  assert re.search(r"^  lm/token_embed/embedding \(1024, 32\) -> P\(", text, re.M)
+  assert re.search(r"^compute per step: [0-9.]+ m?s \[XLA's cost model", text, re.M)
+  assert re.search(r"^communication per device and step: .* at 200 GB/s$", text, re.M)
+  assert re.search(r"^predicted step time: .* MFU .* of 197\.0 TFLOP/s per device \(TPU v5e peak\)",
+                   text, re.M)
+
+
+def test_unknown_topology_names_the_flag():
+  with pytest.raises(ValueError, match=r"--topology='v9z:2x2': libtpu cannot describe it"):
+    plan_lib.tpu_devices("v9z:2x2")
+
+
+def test_abstract_batches_are_what_the_pipeline_yields():
+  config = tiny()
+  mesh = sharding_lib.create_mesh(config.mesh)
+  rules = sharding_lib.parse_rules(config.sharding.rules)
+  abstract = plan_lib.abstract_batches(config, mesh, rules)
+  iterator = input_pipeline.create_iterator(config, process_index=0, process_count=1)
+  real = next(iterator)
+  iterator.close()
+  assert abstract.keys() == real.keys()
+  for name, batch in real.items():
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()} == {
+        k: (x.shape, np.dtype(x.dtype)) for k, x in abstract[name].items()}, name
+
+
+@pytest.mark.slow
+def test_analytic_state_and_batch_bytes_equal_xla_arguments_on_cpu():
+  """On CPU (no padding) the analytic argument bytes, from the shardings alone, are XLA's within
+  a few scalars (XLA counts 24 bytes fewer here)."""
+  config = tiny(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  compiled = plan_lib.compile_plan(config, jax.devices(), "8 CPU devices")
+  analytic = plan_lib.analytic_plan(config, "H100", 8)
+  assert compiled.chip is None and compiled.fits
+  assert 0 <= analytic.memory.arguments - compiled.memory.arguments <= 4 * 8
+
+
+def test_gpu_estimate_is_labelled_and_a_step_that_does_not_fit_exits_1():
+  result = subprocess.run(
+      [sys.executable, "-m", "xattn_vlm.plan", "--config=experiments/flamingo_80b.py:mesh=gpu",
+       "--gpu=H100:8", "--config.mesh.data=1", "--config.mesh.fsdp=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "ANALYTIC ESTIMATE" in result.stdout
+  assert re.search(r"-> DOES NOT FIT$", result.stdout, re.M)
+  assert "does not fit: the step needs" in result.stderr
+  assert "on 8 x H100, which has 74.51 GiB" in result.stderr
+
+
+def test_gpu_estimate_of_80b_on_1024_h100s_fits():
+  config = experiment_config("flamingo_80b", "mesh=gpu")
+  plan = plan_lib.analytic_plan(config, "H100", 1024)
+  assert plan.mesh_shape == {"data": 1, "fsdp": 128, "tensor": 8}
+  assert plan.fits and 0 < plan.mfu[0] <= plan.mfu[1] < 1
+  # The frozen LM's largest matrices are sharded over both fsdp and tensor.
+  assert "-> P('fsdp', 'tensor')" in plan.largest[1] or "-> P('tensor', 'fsdp')" in plan.largest[1]
+
+
+def test_cli_needs_exactly_one_target():
+  result = subprocess.run(
+      [sys.executable, "-m", "xattn_vlm.plan", "--config=experiments/tiny_test.py",
+       "--gpu=H100:8", "--cpu_devices=8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "expected exactly one of --topology, --cpu_devices, --gpu" in result.stderr
+
