@@ -3,6 +3,7 @@
 
 """
 
+import json
 import os
 import pathlib
 import re
@@ -37,6 +38,13 @@ def _launch(tmp_path, name: str, launcher_args, command) -> tuple[subprocess.Pop
 def _train_command(workdir, preset: str = "flamingo", *overrides) -> list[str]:
   return [sys.executable, "-m", "xattn_vlm.train", "--multiprocess",
           f"--config=experiments/tiny_test.py:{preset}", f"--workdir={workdir}", *overrides]
+
+
+def _rows(workdir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl's complete lines (process 0 may be writing the last one)."""
+  path = workdir / "metrics.jsonl"
+  lines = path.read_text().split("\n")[:-1] if path.exists() else []
+  return [json.loads(line) for line in lines]
 
 
 def _tail(log: pathlib.Path) -> str:
@@ -90,21 +98,21 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+def test_a_killed_process_stops_the_other_and_both_resume_from_the_checkpoint(tmp_path):
   """SIGKILL process 1 mid-training: process 0, waiting in a collective, is stopped by JAX's
   distributed service once the heartbeat times out (5 s here), not by the launcher (its grace
-  period is 60 s), and the launcher exits non-zero."""
+  period is 60 s), and the launcher exits non-zero. Relaunched, both processes restore the last
+  checkpoint (state and each one's data position) and finish."""
   workdir = tmp_path / "run"
-  process, log = _launch(
-      tmp_path, "launch", ["--heartbeat_timeout=5", "--grace=60"],
-      _train_command(workdir, "lm_pretrain", "--config.total_steps=100000",
-                     "--config.checkpoint.every_steps=100000"))
+  command = _train_command(workdir, "lm_pretrain", "--config.checkpoint.every_steps=2")
+  process, log = _launch(tmp_path, "first", ["--heartbeat_timeout=5", "--grace=60"],
+                         [*command, "--config.total_steps=100000"])
   deadline = time.monotonic() + 400
-  while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
+  while not (workdir / "checkpoints" / "2").exists():  # committed by both processes
     assert process.poll() is None, f"exited early:\n{_tail(log)}"
     if time.monotonic() > deadline:
       process.kill()
-      pytest.fail(f"no training step within 400 s:\n{_tail(log)}")
+      pytest.fail(f"no checkpoint of step 2 within 400 s:\n{_tail(log)}")
     time.sleep(0.1)
   pid = int(re.search(r"process 1 pid (\d+)", log.read_text()).group(1))
   os.kill(pid, 9)
@@ -115,6 +123,14 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
   assert returncode != 0
   assert elapsed < 30, _tail(log)
   assert "terminating the" not in log.read_text(), _tail(log)
+
+  saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  process, log = _launch(tmp_path, "second", [], [*command, f"--config.total_steps={saved + 1}"])
+  assert process.wait(timeout=400) == 0, _tail(log)
+  assert f"resumed lm_pretrain from step {saved}" in log.read_text()
+  assert f"resumed lm_pretrain from step {saved}" in (tmp_path / "second" /
+                                                      "process_1.log").read_text()
+  assert _rows(workdir)[-1]["step"] == saved + 1
 
 
 def test_launcher_stops_the_others_after_the_grace_period(tmp_path):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_train import REPO, experiment_config, tiny
+from test_train import MESH_222, REPO, SGD, experiment_config, tiny
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import plan_lib
 from xattn_vlm.train import sharding as sharding_lib
@@ -66,7 +66,7 @@ def test_abstract_batches_are_what_the_pipeline_yields():
 def test_analytic_state_and_batch_bytes_equal_xla_arguments_on_cpu():
   """On CPU (no padding) the analytic argument bytes, from the shardings alone, are XLA's within
   a few scalars (XLA counts 24 bytes fewer here)."""
-  config = tiny(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  config = tiny(**MESH_222, **SGD)  # test_train's sharded run: its compiled step is cached
   compiled = plan_lib.compile_plan(config, jax.devices(), "8 CPU devices")
   analytic = plan_lib.analytic_plan(config, "H100", 8)
   assert compiled.chip is None and compiled.fits
