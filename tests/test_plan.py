@@ -73,6 +73,19 @@ def test_analytic_state_and_batch_bytes_equal_xla_arguments_on_cpu():
   assert 0 <= analytic.memory.arguments - compiled.memory.arguments <= 4 * 8
 
 
+@pytest.mark.slow
+def test_a_step_that_does_not_fit_the_tpu_exits_1_with_xla_reason():
+  """The tiny model with 2**18 sequences per dataset: XLA refuses it for 4 v5e chips."""
+  result = subprocess.run(
+      [sys.executable, "-m", "xattn_vlm.plan", "--config=experiments/tiny_test.py",
+       "--topology=v5e:2x2", "--config.data.datasets.docs.batch_size=262144",
+       "--config.data.datasets.pairs.batch_size=262144"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert re.search(r"does not fit: XLA cannot place the step in the device memory of TPU "
+                   r"topology v5e:2x2 \(RESOURCE_EXHAUSTED: .*\); use more chips", result.stderr)
+
+
 def test_gpu_estimate_is_labelled_and_a_step_that_does_not_fit_exits_1():
   result = subprocess.run(
       [sys.executable, "-m", "xattn_vlm.plan", "--config=experiments/flamingo_80b.py:mesh=gpu",
