@@ -12,11 +12,7 @@ order.
 
 from __future__ import annotations
 
-import jax
-import ml_collections
-import orbax.checkpoint as ocp
 from absl import app, flags
-from etils import epath
 from flax import nnx
 
 from xattn_vlm.data import Tokenizer, default_tokenizer
@@ -45,27 +41,8 @@ FLAGS = flags.FLAGS
 
 
 def load_model(workdir: str) -> Flamingo:
-  """The model of a flamingo-stage training run: its config and parameters from the latest
-  readable checkpoint in ``workdir``, restored replicated on the local devices."""
-  manager = ocp.CheckpointManager(epath.Path(workdir) / checkpoint_lib.CHECKPOINTS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"--checkpoint={workdir!r} holds no checkpoint: give the workdir of a "
-                     "flamingo-stage training run")
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  manager.close()
-  config = ml_collections.ConfigDict(saved)
-  abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        params)
-  # ``config`` is the run's own, so load_params' same-model check passes; it still checks the
-  # stage and falls back past unreadable steps.
-  params = checkpoint_lib.load_params(workdir, target, source="", stage="flamingo",
-                                      model_key="lm", config=config, setting="--checkpoint")
-  return nnx.merge(graphdef, params, rest)
+  """The model of a flamingo-stage training run (its latest readable checkpoint)."""
+  return checkpoint_lib.load_flamingo(workdir, setting="--checkpoint")
 
 
 def build(checkpoint: str | None, preset: str | None, tokenizer_dir: str | None,

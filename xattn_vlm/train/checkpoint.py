@@ -22,7 +22,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
+
+from xattn_vlm.models.flamingo import Flamingo
 
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
@@ -197,3 +200,27 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
     logging.info("loaded %s from %s step %d", source or "all parameters", workdir, step)
     return params if not source else params[source]
   raise ValueError(f"{setting}={workdir!r}: no checkpoint could be restored: {errors}")
+
+
+def load_flamingo(workdir: str, setting: str = "--checkpoint") -> Flamingo:
+  """The model of a flamingo-stage training run, for inference or evaluation: its config and
+  parameters from the latest readable checkpoint in ``workdir``, on the first local device.
+  ``setting`` names the flag or field holding ``workdir`` in errors."""
+  manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"{setting}={workdir!r} holds no checkpoint: give the workdir of a "
+                     "flamingo-stage training run")
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  manager.close()
+  config = ml_collections.ConfigDict(saved)
+  abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+  # ``config`` is the run's own, so load_params' same-model check passes; it still checks the
+  # stage and falls back past unreadable steps.
+  params = load_params(workdir, target, source="", stage="flamingo", model_key="lm",
+                       config=config, setting=setting)
+  return nnx.merge(graphdef, params, rest)
