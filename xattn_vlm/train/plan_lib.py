@@ -245,16 +245,24 @@ def _mesh_axes(sharding: NamedSharding) -> set[str]:
           for a in ((entry,) if isinstance(entry, str) else entry)}
 
 
-def _shards(sharding: NamedSharding) -> int:
-  return math.prod(sharding.mesh.shape[a] for a in _mesh_axes(sharding))
+def _shards(sharding: NamedSharding, excluding: Sequence[str] = ()) -> int:
+  """Into how many pieces ``sharding`` cuts an array, counting mesh axes not in ``excluding``."""
+  return math.prod(sharding.mesh.shape[a] for a in _mesh_axes(sharding) if a not in excluding)
+
+
+def _nbytes(x) -> int:
+  return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _with_shardings(abstract, shardings):
+  return zip(jax.tree_util.tree_leaves_with_path(abstract),
+             jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
 
 
 def device_bytes(abstract, shardings) -> int:
   """Bytes per device of arrays ``abstract`` placed with ``shardings`` (same structure)."""
-  leaves = jax.tree.leaves(abstract)
-  specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // _shards(sharding)
-             for x, sharding in zip(leaves, specs))
+  return sum(_nbytes(x) // _shards(sharding)
+             for (_, x), sharding in _with_shardings(abstract, shardings))
 
 
 def communication_bytes(s: trainer.Setup) -> float:
@@ -262,28 +270,20 @@ def communication_bytes(s: trainer.Setup) -> float:
   parameter sharded over ``fsdp`` is all-gathered along it in each pass that reads it (the frozen
   vision tower once, the rest forward and backward, plus once more with per-block remat), and the
   trainable gradients are reduced over the data-parallel devices (a reduce-scatter and an
-  all-gather, about twice their tensor-parallel share)."""
-  mesh, params = s.mesh, s.abstract_state.params
-  shardings = s.state_sharding.params
+  all-gather: about twice their share after the other axes' sharding)."""
+  fsdp = s.mesh.shape["fsdp"]
   passes = 3 if s.config.model.remat else 2
   total = 0.0
-  flat = zip(jax.tree_util.tree_leaves_with_path(params),
-             jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
-  for (path, x), sharding in flat:
-    if "fsdp" not in _mesh_axes(sharding):
-      continue
-    fsdp = mesh.shape["fsdp"]
-    gathered = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize * fsdp / _shards(sharding)
-    reads = 1 if sharding_lib.path_name(path).startswith("vision/") else passes
-    total += reads * gathered * (fsdp - 1) / fsdp
-  trainable = nnx.filter_state(params, s.stage.trainable)
-  trainable_sharding = nnx.filter_state(shardings, s.stage.trainable)
-  replicas = sharding_lib.data_parallel_size(s.rules, mesh)
-  if replicas > 1:
-    tensor_share = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize * replicas / _shards(sh)
-                       for x, sh in zip(jax.tree.leaves(trainable), jax.tree.leaves(
-                           trainable_sharding, is_leaf=lambda x: isinstance(x, NamedSharding))))
-    total += 2 * tensor_share * (replicas - 1) / replicas
+  for (path, x), sharding in _with_shardings(s.abstract_state.params, s.state_sharding.params):
+    if "fsdp" in _mesh_axes(sharding):
+      reads = 1 if sharding_lib.path_name(path).startswith("vision/") else passes
+      total += reads * _nbytes(x) / _shards(sharding, excluding=["fsdp"]) * (fsdp - 1) / fsdp
+  replicas = sharding_lib.data_parallel_size(s.rules, s.mesh)
+  batch_axes = s.rules.get("batch", ())
+  trainable = _with_shardings(nnx.filter_state(s.abstract_state.params, s.stage.trainable),
+                              nnx.filter_state(s.state_sharding.params, s.stage.trainable))
+  for (_, x), sharding in trainable:
+    total += 2 * _nbytes(x) / _shards(sharding, excluding=batch_axes) * (replicas - 1) / replicas
   return total
 
 
@@ -420,8 +420,7 @@ def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
   # Each pass (forward, remat forward, backward) reads the tensor-parallel share of every
   # parameter once; the optimizer reads and writes the trainable state.
   params = s.abstract_state.params
-  weights = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                for x in jax.tree.leaves(params)) / shape[2]
+  weights = sum(_nbytes(x) for x in jax.tree.leaves(params)) / shape[2]
   passes = 3 if config.model.remat else 2
   hbm_bytes = passes * weights + 6 * trainable + activations
   return Plan(
