@@ -164,6 +164,32 @@ def test_decode_state_does_not_grow_with_the_images(split, processor, tokenizer)
   assert loop_state(1) == loop_state(SLOTS)
 
 
+def test_decode_state_reproduces_the_full_forward(model, batch):
+  """Generation's cached path (prefill logits of the last position only, heads-first caches, the
+  cross-attention keys/values of each prompt's last image only) gives the training forward's
+  logits at the prompt's last position and at every fed token, within 1e-5."""
+  fed = np.array([[7, 8, 9]] * len(PROMPTS), np.int32)
+  ids = np.concatenate([batch.input_ids, fed], axis=1)
+  mask = np.concatenate([batch.attention_mask, np.ones_like(fed)], axis=1)
+  full = nnx.jit(lambda m, x, i, a: m(x, i, a))(model, batch.images, ids, mask)
+
+  @nnx.jit
+  def cached(m):
+    logits, cache, step = decoding.start_cached(m, batch.images, batch.input_ids,
+                                                batch.attention_mask, fed.shape[1])
+    steps = [logits]
+    for t in range(fed.shape[1]):
+      logits, cache = step(jnp.asarray(fed[:, t]), cache)
+      steps.append(logits)
+    return jnp.stack(steps, axis=1), cache
+
+  decoded, cache = cached(model)
+  assert all(k.shape[2] == v.shape[2] == model.config.resampler.num_latents
+             for k, v in cache.media_kv)
+  np.testing.assert_allclose(np.asarray(decoded), np.asarray(full)[:, LENGTH - 1:], rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_left_padding_changes_no_output(split, processor, tokenizer, greedy):
   for i, prompt in enumerate(PROMPTS):
     alone = processor([prompt])

@@ -114,9 +114,9 @@ def keep_last_media(cache: FlamingoCache, num_latents: int) -> FlamingoCache:
   """
   slot = jnp.maximum(cache.media_index - 1, 0)  # [B], 0-based image of each prompt's last token
 
-  def last(x):  # [B, T * n, H, Dh] -> [B, n, H, Dh]
-    return jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s * num_latents, num_latents))(
-        x, slot)
+  def last(x):  # [B, H, T * n, Dh] -> [B, H, n, Dh]
+    return jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s * num_latents, num_latents,
+                                                               axis=1))(x, slot)
 
   return cache.replace(media_kv=tuple((last(k), last(v)) for k, v in cache.media_kv),
                        media_index=jnp.minimum(cache.media_index, 1))
@@ -126,7 +126,7 @@ def start_cached(model: Flamingo, images: jax.Array, input_ids: jax.Array,
                  attention_mask: jax.Array, num_new: int) -> tuple[jax.Array, Any, Step]:
   """Prefills the prompt with room for ``num_new`` tokens: (last logits [B, V], cache, step)."""
   logits, cache = model.prefill(images, input_ids, attention_mask,
-                                max_length=input_ids.shape[1] + num_new)
+                                max_length=input_ids.shape[1] + num_new, last_only=True)
   if model.config.xattn.only_attend_immediate_media:
     cache = keep_last_media(cache, model.config.resampler.num_latents)
 

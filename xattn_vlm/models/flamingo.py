@@ -36,8 +36,9 @@ def gated_layer_indices(num_layers: int, every_n_layers: int) -> list[int]:
 
 @struct.dataclass
 class FlamingoCache:
-  """Decoding state: the LM KV cache, each gated block's media keys/values (computed once per
-  prompt), the media index new tokens attend to (the prompt's last image) and the next position."""
+  """Decoding state: the LM KV cache, each gated block's media keys/values ([B, H, T*n, Dh],
+  computed once per prompt), the media index new tokens attend to (the prompt's last image) and
+  the next position."""
   lm: LMCache
   media_kv: tuple[tuple[jax.Array, jax.Array], ...]
   media_index: jax.Array  # [B] int32
@@ -162,9 +163,14 @@ class Flamingo(nnx.Module):
 
   def prefill(self, images: jax.Array | None, input_ids: jax.Array,
               attention_mask: jax.Array | None = None, *, max_length: int,
-              vision_features: jax.Array | None = None) -> tuple[jax.Array, FlamingoCache]:
+              vision_features: jax.Array | None = None, last_only: bool = False
+              ) -> tuple[jax.Array, FlamingoCache]:
     """Runs the prompt (left padded for batched generation) and returns its logits and a cache
-    with room for ``max_length`` tokens in all (prompt included)."""
+    with room for ``max_length`` tokens in all (prompt included).
+
+    ``last_only`` returns the logits of the last position alone ([B, 1, V]), all that generation
+    needs: the head's matmul then costs one position per prompt instead of the whole prompt.
+    """
     input_ids, attention_mask = self._check_text(input_ids, attention_mask)
     if input_ids.shape[1] > max_length:
       raise ValueError(f"max_length ({max_length}) must be at least the prompt length "
@@ -179,7 +185,7 @@ class Flamingo(nnx.Module):
     hidden, lm_cache = self._run(input_ids, positions, attention_mask, media_kv, mask, lm_cache)
     cache = FlamingoCache(lm=lm_cache, media_kv=media_kv, media_index=media_index.max(axis=-1),
                           position=attention_mask.sum(axis=-1).astype(jnp.int32))
-    return self.logits(hidden), cache
+    return self.logits(hidden[:, -1:] if last_only else hidden), cache
 
   def decode_step(self, input_ids: jax.Array, cache: FlamingoCache
                   ) -> tuple[jax.Array, FlamingoCache]:
@@ -187,7 +193,7 @@ class Flamingo(nnx.Module):
     cache. New tokens attend to the prompt's last image."""
     if input_ids.ndim != 2 or input_ids.shape[1] != 1:
       raise ValueError(f"decode_step takes input_ids of shape [B, 1], got {tuple(input_ids.shape)}")
-    num_media = cache.media_kv[0][0].shape[1] // self.config.resampler.num_latents \
+    num_media = cache.media_kv[0][0].shape[2] // self.config.resampler.num_latents \
         if cache.media_kv else 0
     mask = self._xattn_mask(cache.media_index[:, None], num_media)
     hidden, lm_cache = self._run(input_ids, cache.position[:, None], jnp.ones_like(input_ids),

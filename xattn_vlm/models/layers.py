@@ -199,22 +199,37 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None) -> jax.Array:
-  """Softmax attention with grouped-query heads.
+def heads_first(x: jax.Array) -> jax.Array:
+  """[B, S, H, Dh], as a projection gives keys or values, -> [B, H, S, Dh] (see ``attend``)."""
+  return jnp.swapaxes(x, 1, 2)
 
-  q: [B, L, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; mask: bool, broadcastable to
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Softmax attention with grouped-query heads, keys and values heads first.
+
+  q: [B, L, H, Dh]; k, v: [B, Hkv, S, Dh] with H a multiple of Hkv; mask: bool, broadcastable to
   [B, L, S] (True = may attend). Logits and softmax in float32. Returns [B, L, H, Dh].
+
+  XLA's batched matmul wants the batch and head axes leading, so the KV caches are kept heads
+  first and a decode step reads them where they lie; in the [B, S, H, Dh] layout every cache was
+  transposed (copied whole) at every step.
   """
   b, l, h, dh = q.shape
-  hkv = k.shape[2]
+  hkv = k.shape[1]
   if h % hkv:
     raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
   qg = q.reshape(b, l, hkv, h // hkv, dh)
-  logits = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("blkgd,bksd->bkgls", qg, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(dh))
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", weights, v)
+  out = jnp.einsum("bkgls,bksd->blkgd", weights, v)
   return out.reshape(b, l, h, dh)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None) -> jax.Array:
+  """``attend`` with keys and values as projections give them: q: [B, L, H, Dh]; k, v:
+  [B, S, Hkv, Dh]; mask broadcastable to [B, L, S]. Returns [B, L, H, Dh]."""
+  return attend(q, heads_first(k), heads_first(v), mask)

@@ -28,7 +28,8 @@ from xattn_vlm.models.config import LM_FAMILIES
 class LMCache:
   """Keys and values of every self-attention layer, for prefill and step-by-step decoding.
 
-  k, v: one array per layer, each [B, S_max, Hkv, Dh] (after RoPE).
+  k, v: one array per layer, each [B, Hkv, S_max, Dh] (after RoPE): heads first, the layout
+    ``layers.attend`` reads without a transpose.
   key_valid: bool [B, S_max], which slots hold a real (non-padding) token.
   index: int32 scalar, the next slot to write; a call with L tokens writes [index, index + L).
   """
@@ -74,7 +75,7 @@ class SelfAttention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x: [B, L, D]; mask: bool [B, L, S]; kv: this layer's cache (k, v), each [B, S, Hkv, Dh].
+    """x: [B, L, D]; mask: bool [B, L, S]; kv: this layer's cache (k, v), each [B, Hkv, S, Dh].
 
     Returns the attention output [B, L, D] and the cache with the L new keys/values written at
     slots [index, index + L) (None without a cache).
@@ -83,12 +84,13 @@ class SelfAttention(nnx.Module):
     if self.rope_theta is not None:
       q = layers.apply_rope(q, positions, self.rope_theta)
       k = layers.apply_rope(k, positions, self.rope_theta)
+    k, v = layers.heads_first(k), layers.heads_first(v)
     if kv is not None:
       k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       kv = (k, v)
-    return self.out(layers.dot_product_attention(q, k, v, mask)), kv
+    return self.out(layers.attend(q, k, v, mask)), kv
 
 
 class DecoderBlock(nnx.Module):
@@ -238,7 +240,7 @@ class DecoderLM(nnx.Module):
     if not 1 <= max_length <= self.cfg.max_length:
       raise ValueError(f"cache max_length must be in [1, {self.cfg.max_length}] (the model's "
                        f"max_length), got {max_length}")
-    shape = (batch_size, max_length, self.cfg.num_kv_heads, self.cfg.head_dim)
+    shape = (batch_size, self.cfg.num_kv_heads, max_length, self.cfg.head_dim)
     n = self.cfg.num_layers
     return LMCache(k=tuple(jnp.zeros(shape, self.dtype) for _ in range(n)),
                    v=tuple(jnp.zeros(shape, self.dtype) for _ in range(n)),

@@ -48,17 +48,18 @@ class MaskedCrossAttention(nnx.Module):
     self.out = layers.Dense((num_heads, head_dim), dim, ("heads", "kv", "embed"), **kw)
 
   def project_media(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """latents [B, T, n, Dv] -> keys, values [B, T*n, H, Dh]."""
+    """latents [B, T, n, Dv] -> keys, values [B, H, T*n, Dh] (heads first, as decoding keeps
+    them: ``layers.attend``)."""
     b, t, n, dv = latents.shape
     flat = latents.reshape(b, t * n, dv)
-    return self.key(flat), self.value(flat)
+    return layers.heads_first(self.key(flat)), layers.heads_first(self.value(flat))
 
   def __call__(self, x: jax.Array, media_kv: tuple[jax.Array, jax.Array],
                mask: jax.Array) -> jax.Array:
     """x [B, L, D]; media_kv from ``project_media``; mask [B, L, T*n] -> [B, L, D]."""
     keys, values = media_kv
     q = self.query(self.norm(x))
-    attended = layers.dot_product_attention(q, keys, values, mask)
+    attended = layers.attend(q, keys, values, mask)
     out = self.out(attended)
     sees_media = mask.any(axis=-1, keepdims=True)  # [B, L, 1]
     return jnp.where(sees_media, out, jnp.zeros_like(out))
