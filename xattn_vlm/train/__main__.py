@@ -26,6 +26,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if "stages" in FLAGS.config:
+    raise app.UsageError(
+        f"--config holds a recipe of several stages ({', '.join(FLAGS.config.stages)}), not one "
+        "training run: run it with `python -m xattn_vlm.recipe`, or pick one stage with "
+        "--config=FILE:STAGE")
   if FLAGS.multiprocess:
     distributed.initialize()
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),

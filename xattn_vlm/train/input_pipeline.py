@@ -3,12 +3,16 @@
 Each entry of ``config.data.datasets`` names a ``source``:
   ``shapes``: the synthetic shapes world (``kind``: caption, pair, vqa, interleaved, binding;
     ``num_records``; further keys go to the generator, e.g. ``max_images``).
-  ``shapes_text``: the shapes world's text-only stream (``num_records``), every real token
-    supervised: the ``lm_pretrain`` data.
+  ``shapes_text``: the shapes world's text-only stream (``num_records``; ``texts_per_record``
+    texts joined into one, to pretrain the LM's positions up to a long context), every real
+    token supervised: the ``lm_pretrain`` data.
   ``image_text_folder`` (``path``), ``webdataset`` (``path``), ``mmc4`` (``path``,
     ``image_root``): real image-text pairs and interleaved documents.
-Every step yields ``{name: batch}`` with one batch per dataset; the iterator's state is saved
-with each checkpoint, so a resumed run reads exactly the batches an uninterrupted one would.
+An entry may set its own ``max_tokens`` and ``media_slots`` (image slots per example) instead of
+``config.data.max_tokens`` / ``max_images``, so short image-text pairs are not padded to the
+shapes of long interleaved documents. Every step yields ``{name: batch}`` with one batch per
+dataset; the iterator's state is saved with each checkpoint, so a resumed run reads exactly the
+batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,24 +29,30 @@ from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
 
 SOURCES = ("shapes", "shapes_text", "image_text_folder", "webdataset", "mmc4")
-_COMPONENT_KEYS = ("source", "batch_size", "weight")
+_COMPONENT_KEYS = ("source", "batch_size", "weight", "max_tokens", "media_slots")
 
 
 class ShapesText:
-  """The shapes world's text-only records ``{"id", "text"}`` (random access, for grain)."""
+  """The shapes world's text-only records ``{"id", "text"}`` (random access, for grain); record
+  i joins texts ``i * texts_per_record, ...`` with spaces, so the LM sees long sequences."""
 
-  def __init__(self, *, num_records: int, split: str = "train", seed: int = 0):
-    if num_records < 1:
-      raise ValueError(f"num_records: expected >= 1, got {num_records}")
+  def __init__(self, *, num_records: int, split: str = "train", seed: int = 0,
+               texts_per_record: int = 1):
+    for name, value in (("num_records", num_records), ("texts_per_record", texts_per_record)):
+      if value < 1:
+        raise ValueError(f"{name}: expected >= 1, got {value}")
     self.name = f"ShapesText({split}, seed={seed})"
     self._split, self._seed, self._len = split, seed, num_records
+    self._per_record = texts_per_record
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    item = shapes_world.text_example(self._split, self._seed, int(index))
-    return {"id": f"shapes/text/{self._split}/{self._seed}/{index}", "text": item["text"]}
+    first = int(index) * self._per_record
+    text = " ".join(shapes_world.text_example(self._split, self._seed, i)["text"]
+                    for i in range(first, first + self._per_record))
+    return {"id": f"shapes/text/{self._split}/{self._seed}/{index}", "text": text}
 
 
 class TextTransform:
@@ -106,14 +116,17 @@ def create_iterator(config: ml_collections.ConfigDict, *, process_index: int | N
     raise ValueError("config.data.datasets: expected at least one dataset, got none")
   tokenizer = tokenizer_for(config)
   vision = config.model.vision
-  image_transform = pipeline.ExampleTransform(
-      tokenizer, max_tokens=config.data.max_tokens, max_images=config.data.max_images,
-      image_size=vision.image_size, mean=vision.image_mean, std=vision.image_std,
-      mode=config.data.image_mode)
-  text_transform = TextTransform(tokenizer, max_tokens=config.data.max_tokens)
   components = {}
   for name, component in config.data.datasets.items():
-    transform = text_transform if component.source == "shapes_text" else image_transform
+    max_tokens = component.get("max_tokens", config.data.max_tokens)
+    if component.source == "shapes_text":
+      transform = TextTransform(tokenizer, max_tokens=max_tokens)
+    else:
+      transform = pipeline.ExampleTransform(
+          tokenizer, max_tokens=max_tokens,
+          max_images=component.get("media_slots", config.data.max_images),
+          image_size=vision.image_size, mean=vision.image_mean, std=vision.image_std,
+          mode=config.data.image_mode)
     components[name] = pipeline.Component(_source(name, component, config), transform,
                                           batch_size=component.batch_size,
                                           weight=component.weight)

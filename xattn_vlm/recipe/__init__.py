@@ -1,0 +1,95 @@
+"""The miniature Flamingo recipe end to end: three training stages, evaluation and a report.
+
+``run(config, workdir)`` takes a recipe config (``experiments/shapes_tiny.py``: ``stages`` holds
+the trainer config of each stage, ``eval`` the evaluation's) and, in ``workdir``:
+
+1. trains ``lm_pretrain``, ``vision_pretrain`` and ``flamingo`` with the one trainer, each in
+   ``<workdir>/<stage>``, the Flamingo stage loading both towers from the first two (a rerun
+   resumes each stage from its checkpoints, and skips a finished one);
+2. evaluates the trained model with ``xattn_vlm.eval.runner`` into ``<workdir>/eval``, and the
+   tasks of ``baseline_tasks`` also with the Flamingo stage's starting point (pretrained towers,
+   gates at 0, so the frozen LM alone) into ``<workdir>/eval_untrained``;
+3. writes the report (``report.write``): ``report.md``, ``report.png`` and ``grid.png``, plus
+   ``recipe.json`` with every number in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import ml_collections
+from flax import nnx
+
+from xattn_vlm.eval import runner
+from xattn_vlm.inference import InferenceModel, Processor
+from xattn_vlm.models.flamingo import Flamingo
+from xattn_vlm.recipe import report
+from xattn_vlm.train import input_pipeline
+from xattn_vlm.train import trainer
+
+STAGES = ("lm_pretrain", "vision_pretrain", "flamingo")
+SUMMARY = "recipe.json"
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str,
+                 workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The trainer config of ``stage`` with the Flamingo stage's towers read from this run."""
+  if stage not in config.stages:
+    raise ValueError(f"config.stages: expected the stages {STAGES}, got {sorted(config.stages)}")
+  stage_cfg = ml_collections.ConfigDict(config.stages[stage].to_dict())
+  if stage == "flamingo":
+    stage_cfg.init.lm_workdir = str(workdir / "lm_pretrain")
+    stage_cfg.init.vision_workdir = str(workdir / "vision_pretrain")
+  return stage_cfg
+
+
+def inference_model(config: ml_collections.ConfigDict, params: nnx.State) -> InferenceModel:
+  """A Flamingo-stage train state's parameters as a model to evaluate."""
+  abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
+  graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+  return InferenceModel(nnx.merge(graphdef, params, rest))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates and reports (see the module docstring); returns ``recipe.json``'s
+  content: results, baselines and wall times in seconds."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  seconds: dict[str, float] = {}
+  for stage in STAGES:
+    began = time.perf_counter()
+    state = trainer.train_and_evaluate(stage_config(config, stage, workdir), str(workdir / stage))
+    seconds[stage] = time.perf_counter() - began
+    logging.info("recipe: %s done in %.0f s", stage, seconds[stage])
+
+  flamingo = stage_config(config, "flamingo", workdir)
+  processor = Processor.from_model_config(flamingo.model, input_pipeline.tokenizer_for(flamingo))
+  began = time.perf_counter()
+  results = runner.evaluate(inference_model(flamingo, state.params), processor, config.eval,
+                            workdir / "eval", model_name="shapes_tiny")
+  seconds["eval"] = time.perf_counter() - began
+
+  began = time.perf_counter()
+  baseline_config = ml_collections.ConfigDict(config.eval.to_dict())
+  baseline_config.tasks = config.baseline_tasks
+  untrained = trainer.create_train_state(trainer.setup(flamingo))
+  baselines = runner.evaluate(inference_model(flamingo, untrained.params), processor,
+                              baseline_config, workdir / "eval_untrained",
+                              model_name="untrained")
+  seconds["eval_untrained"] = time.perf_counter() - began
+
+  summary = {"results": results, "untrained": baselines}
+  began = time.perf_counter()
+  summary.update(report.write(config, workdir, results, baselines,
+                              {**seconds, "total": time.perf_counter() - start}))
+  seconds["report"] = time.perf_counter() - began
+  seconds["total"] = time.perf_counter() - start
+  summary["seconds"] = seconds
+  (workdir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+  logging.info("recipe: done in %.0f s; report in %s", seconds["total"], workdir / report.REPORT)
+  return summary

@@ -1,0 +1,268 @@
+"""The recipe's report: a Markdown summary, a figure of training and few-shot curves, and an
+image grid of test images with the model's captions and answers.
+
+Everything is read back from the workdir (the stages' ``metrics.jsonl``, the evaluation's
+prediction logs) and from the shapes world (which regenerates any test image from its id), so
+the report of a finished run can be rewritten without the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import textwrap
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from xattn_vlm.data import shapes_world
+from xattn_vlm.eval import metrics as metrics_lib
+from xattn_vlm.eval import results as results_lib
+from xattn_vlm.eval import runner
+from xattn_vlm.eval import tasks as tasks_lib
+from xattn_vlm.models import summary as summary_lib
+from xattn_vlm.train import metrics as train_metrics
+
+REPORT = "report.md"
+FIGURE = "report.png"
+GRID = "grid.png"
+STAGES = ("lm_pretrain", "vision_pretrain", "flamingo")
+TITLES = {"shapes_captioning": "captioning (CIDEr)", "shapes_vqa": "VQA accuracy (%)",
+          "shapes_binding": "in-context binding accuracy (%)"}
+
+Results = Mapping[str, Mapping[int, Sequence[float]]]
+
+
+def majority_baseline(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """VQA accuracy (%) of answering every test question with its type's most common training
+  answer, overall and per question type, on the evaluated questions."""
+  shapes = config.eval.shapes
+  answers = shapes_world.majority_answers(seed=shapes.seed)
+  queries = tasks_lib.ShapesRecords("vqa", split="test", num_records=shapes.num_queries,
+                                    seed=shapes.seed, image_size=8)
+  hits = {t: [] for t in shapes_world.QUESTION_TYPES}
+  for record in queries:
+    hits[record["question_type"]].append(
+        metrics_lib.vqa_question_accuracy(answers[record["question_type"]], record["answers"]))
+  overall = 100 * float(np.mean([h for v in hits.values() for h in v]))
+  return {"accuracy": overall, "answers": answers,
+          "per_type": {t: 100 * float(np.mean(v)) for t, v in hits.items() if v}}
+
+
+def _log_records(workdir: pathlib.Path, task: str, shots: int, trial: int = 0) -> dict:
+  path = workdir / runner.PREDICTIONS / task / f"{shots}shot_trial{trial}.jsonl"
+  return results_lib.PredictionLog(path).records if path.exists() else {}
+
+
+def vqa_per_type(config: ml_collections.ConfigDict, eval_dir: pathlib.Path,
+                 shots: int) -> dict[str, float]:
+  """VQA accuracy (%) per question type at ``shots`` (every trial's predictions)."""
+  shapes = config.eval.shapes
+  types = {r["id"]: r["question_type"] for r in tasks_lib.ShapesRecords(
+      "vqa", split="test", num_records=shapes.num_queries, seed=shapes.seed, image_size=8)}
+  hits = {t: [] for t in shapes_world.QUESTION_TYPES}
+  trials = 1 if config.eval.demonstrations == "rices" else config.eval.trials
+  for trial in range(trials):
+    for key, record in _log_records(eval_dir, "shapes_vqa", shots, trial).items():
+      hits[types[key]].append(metrics_lib.vqa_question_accuracy(record["prediction"],
+                                                                record["reference"]))
+  return {t: 100 * float(np.mean(v)) for t, v in hits.items() if v}
+
+
+def _cell(results: Results, task: str, shots: int) -> str:
+  scores = results.get(task, {}).get(shots)
+  if not scores:
+    return "—"
+  summary = results_lib.summarize_trials(scores)
+  return f"{summary.mean:.1f} ± {summary.std:.1f}"
+
+
+def _mean(results: Results, task: str, shots: int) -> float:
+  return float(np.mean(results[task][shots]))
+
+
+def write(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, results: Results,
+          untrained: Results, seconds: Mapping[str, float]) -> dict[str, Any]:
+  """Writes report.md, report.png and grid.png into ``workdir``; returns the baselines and
+  target checks it reports."""
+  workdir = pathlib.Path(workdir)
+  majority = majority_baseline(config)
+  shots = sorted(int(s) for s in config.eval.shots)
+  ways = config.eval.shapes.binding_ways
+  checks = {}
+  if "shapes_binding" in results:
+    binding = [_mean(results, "shapes_binding", s) for s in shots]
+    checks["binding rises with shots"] = all(b > a for a, b in zip(binding, binding[1:]))
+  if "shapes_vqa" in results:
+    best = max(_mean(results, "shapes_vqa", s) for s in shots)
+    checks["VQA above the majority baseline"] = best > majority["accuracy"]
+  extras = {"majority": majority, "checks": checks,
+            "vqa_per_type": vqa_per_type(config, workdir / "eval", shots[-1])
+            if "shapes_vqa" in results else {}}
+  plot(config, workdir, results, untrained, majority, ways)
+  grid(config, workdir)
+  (workdir / REPORT).write_text(markdown(config, workdir, results, untrained, extras, seconds))
+  return extras
+
+
+def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: Results,
+             untrained: Results, extras: Mapping[str, Any], seconds: Mapping[str, float]) -> str:
+  """The summary: results beside their baselines, target checks, settings and wall times."""
+  shots = sorted(int(s) for s in config.eval.shots)
+  majority = extras["majority"]
+  ways = config.eval.shapes.binding_ways
+  head = "| | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+  rule = "|---|" + "---|" * len(shots)
+  rows = []
+  if "shapes_captioning" in results:
+    rows.append("| captioning, CIDEr | "
+                + " | ".join(_cell(results, "shapes_captioning", s) for s in shots) + " |")
+  if "shapes_vqa" in results:
+    rows.append("| VQA accuracy (%) | "
+                + " | ".join(_cell(results, "shapes_vqa", s) for s in shots) + " |")
+    if "shapes_vqa" in untrained:
+      rows.append("| VQA, untrained (gates 0: the frozen LM alone) | "
+                  + " | ".join(_cell(untrained, "shapes_vqa", s) for s in shots) + " |")
+    rows.append(f"| VQA, majority answer per question type | "
+                + " | ".join(f"{majority['accuracy']:.1f}" for _ in shots) + " |")
+  if "shapes_binding" in results:
+    rows.append("| in-context binding accuracy (%) | "
+                + " | ".join(_cell(results, "shapes_binding", s) for s in shots) + " |")
+    rows.append(f"| binding, chance ({ways} names in the prompt) | "
+                + " | ".join(f"{100 / ways:.1f}" for _ in shots) + " |")
+  e = config.eval
+  trials = 1 if e.demonstrations == "rices" else e.trials
+  lines = [
+      "# The miniature Flamingo recipe on the shapes world", "",
+      f"Wall time: {seconds['total']:.0f} s in all (" + ", ".join(
+          f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total") + ").", "",
+      f"Test split of the shapes world ({e.shapes.num_queries} queries per task, held-out "
+      f"colour+shape pairs included), {e.demonstrations} demonstrations from the training split "
+      f"({trials} trial{'s' if trials > 1 else ''}, mean ± std), 0-shot = 2 text-only "
+      f"demonstrations, beam {e.num_beams}, stop at <|endofchunk|>.", "",
+      head, rule, *rows, "",
+  ]
+  if extras["checks"]:
+    lines += ["Targets:", *[f"- {name}: {'yes' if ok else 'NO'}"
+                            for name, ok in extras["checks"].items()], ""]
+  if extras["vqa_per_type"]:
+    per_type = extras["vqa_per_type"]
+    lines += [f"VQA accuracy per question type at {shots[-1]} shots (majority answer beside):", "",
+              "| type | ours | majority |", "|---|---|---|",
+              *[f"| {t} ({majority['answers'][t]}) | {per_type[t]:.1f} | "
+                f"{majority['per_type'].get(t, float('nan')):.1f} |" for t in per_type], ""]
+  lines += ["## Training", "", "| stage | steps | final loss | batch (per dataset) |",
+            "|---|---|---|---|"]
+  for stage in STAGES:
+    cfg = config.stages[stage]
+    final = train_metrics.read_metrics(str(workdir / stage))[-1]["loss"]
+    batches = ", ".join(f"{n} {d.batch_size} (x{d.weight})" for n, d in cfg.data.datasets.items())
+    lines.append(f"| {stage} | {cfg.total_steps} | {final:.3f} | {batches} |")
+  counts = summary_lib.count_parameters(config.stages.flamingo.model)
+  lines += ["", "Parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ".", "",
+            f"![training and few-shot curves]({FIGURE})", "",
+            f"![test images with the model's captions and answers]({GRID})", ""]
+  return "\n".join(lines)
+
+
+def plot(config, workdir: pathlib.Path, results: Results, untrained: Results,
+         majority: Mapping[str, Any], ways: int) -> None:
+  """report.png: losses of the three stages, gate values per layer, the few-shot curves."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+  for ax, stage in zip(axes[0], STAGES):
+    rows = train_metrics.read_metrics(str(workdir / stage))
+    names = sorted({k for r in rows for k in r if k.startswith("loss")})
+    for name in names:
+      points = [(r["step"], r[name]) for r in rows if name in r and math.isfinite(r[name])]
+      ax.plot(*zip(*points), label=name if name != "loss" else "total (weighted)")
+    ax.set(title=f"{stage} loss", xlabel="step", ylabel="loss")
+    ax.legend(fontsize="small")
+  rows = train_metrics.read_metrics(str(workdir / "flamingo"))
+  gates = sorted({k for r in rows for k in r if k.startswith("gate/")})
+  ax = axes[1][0]
+  for name in gates:
+    points = [(r["step"], r[name]) for r in rows if name in r]
+    ax.plot(*zip(*points), label=name[len("gate/"):], linestyle="-" if "/attn/" in name else "--")
+  ax.set(title="tanh(gate) per gated block (before LM layer i)", xlabel="flamingo step")
+  ax.axhline(0, color="grey", linewidth=0.5)
+  ax.legend(fontsize="small")
+
+  shots = sorted(int(s) for s in config.eval.shots)
+  for ax, task in zip(axes[1][1:], ("shapes_vqa", "shapes_binding")):
+    _curve(ax, results, task, shots, "trained")
+    if task in untrained:
+      _curve(ax, untrained, task, shots, "untrained (gates 0)")
+    if task == "shapes_vqa":
+      ax.axhline(majority["accuracy"], color="red", linestyle=":", label="majority answer")
+    else:
+      ax.axhline(100 / ways, color="red", linestyle=":", label=f"chance (1/{ways})")
+    ax.set(title=TITLES[task], xlabel="shots", xticks=shots, ylim=(0, 100))
+    ax.legend(fontsize="small", loc="upper left")
+  if "shapes_captioning" in results:
+    inset = axes[1][1].inset_axes([0.64, 0.6, 0.33, 0.3])
+    _curve(inset, results, "shapes_captioning", shots, "CIDEr")
+    inset.set_title("captioning CIDEr", fontsize="small")
+    inset.set_xticks(shots)
+    inset.tick_params(labelsize="x-small")
+  fig.tight_layout()
+  fig.savefig(workdir / FIGURE, dpi=90)
+  plt.close(fig)
+
+
+def _curve(ax, results: Results, task: str, shots: Sequence[int], label: str) -> None:
+  if task not in results:
+    return
+  present = [s for s in shots if s in results[task]]
+  means = [np.mean(results[task][s]) for s in present]
+  stds = [np.std(results[task][s]) for s in present]
+  ax.errorbar(present, means, yerr=stds, marker="o", capsize=3, label=label)
+
+
+def grid(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """grid.png: test images with the model's caption, or a question with its answer and the
+  truth, at the evaluation's middle shot count (first trial)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  shots = sorted(int(s) for s in config.eval.shots)
+  shown = shots[len(shots) // 2]
+  eval_dir = workdir / "eval"
+  records = functools.partial(tasks_lib.ShapesRecords, split="test",
+                              num_records=config.eval.shapes.num_queries,
+                              seed=config.eval.shapes.seed,
+                              image_size=config.stages.flamingo.model.vision.image_size)
+  panels = []
+  captions = _log_records(eval_dir, "shapes_captioning", shown)
+  for key in sorted(captions)[:config.grid_images // 2]:
+    record = records("caption")[key]
+    panels.append((record["image"], f"model: {captions[key]['prediction']}\n"
+                                     f"reference: {record['captions'][0]}"))
+  answers = _log_records(eval_dir, "shapes_vqa", shown)
+  for key in sorted(answers)[:config.grid_images - len(panels)]:
+    record = records("vqa")[key]
+    panels.append((record["image"], f"Q: {record['question']}\nmodel: "
+                                     f"{answers[key]['prediction']}   truth: "
+                                     f"{record['answers'][0]}"))
+  if not panels:
+    return
+  columns = 4
+  rows = -(-len(panels) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, (image, text) in zip(axes.flat, panels):
+    ax.imshow(Image.fromarray(image).resize((192, 192), Image.NEAREST))
+    ax.set_title("\n".join(textwrap.fill(line, 44) for line in text.split("\n")),
+                 fontsize=8, loc="left")
+  fig.suptitle(f"shapes-world test images as the model sees them, {shown}-shot prompts")
+  fig.tight_layout(rect=(0, 0, 1, 0.97))
+  fig.savefig(workdir / GRID, dpi=80)
+  plt.close(fig)
