@@ -58,6 +58,15 @@ def test_media_time_embedding_distinguishes_slots(resampler):
   assert not np.allclose(out[:, 0], out[:, 1], atol=1e-3)
 
 
+def test_without_media_time_embeddings_slots_are_alike_and_unbounded():
+  model = PerceiverResampler(_config(max_num_media=None), DIM, rngs=nnx.Rngs(0))
+  assert model.media_time_embs is None
+  x = jnp.broadcast_to(_features(B, 1, 1, PATCHES), (B, 5, 1, PATCHES, DIM))  # 5 > 3 slots
+  out = _forward(model, x)
+  for slot in range(1, 5):
+    np.testing.assert_allclose(out[:, slot], out[:, 0], rtol=0, atol=1e-6)
+
+
 def test_one_frame_video_equals_the_image_path(resampler):
   images = _features(B, T, PATCHES)  # [B, T, P, D]
   np.testing.assert_array_equal(_forward(resampler, images),

@@ -63,10 +63,13 @@ def vision_config(*, image_size: int, patch_size: int, width: int, num_layers: i
 
 def resampler_config(*, depth: int = 6, num_latents: int = 64, num_heads: int = 8,
                      head_dim: int = 64, ff_mult: int = 4, activation: str = "gelu",
-                     width: int | None = None, max_num_media: int = 32,
+                     width: int | None = None, max_num_media: int | None = 32,
                      max_num_frames: int = 1) -> ml_collections.ConfigDict:
   """Perceiver resampler. ``width`` defaults to the vision width (None); ``max_num_frames`` is the
-  number of frame-time embeddings learned (more frames at inference are interpolated)."""
+  number of frame-time embeddings learned (more frames at inference are interpolated);
+  ``max_num_media`` the number of media-time embeddings (one per image slot of a sequence), or
+  None for none: each image then resamples the same wherever it stands, so a prompt may hold
+  more images than any training sequence did."""
   return ml_collections.ConfigDict(dict(
       depth=depth, num_latents=num_latents, num_heads=num_heads, head_dim=head_dim,
       ff_mult=ff_mult, activation=activation, width=width, max_num_media=max_num_media,

@@ -118,8 +118,11 @@ class PerceiverResampler(nnx.Module):
                          ("latents", "embed"), param_dtype)
     self.frame_embs = param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_frames, width),
                             (None, "embed"), param_dtype)
-    self.media_time_embs = param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_media, width),
-                                 ("media", "embed"), param_dtype)
+    # Without ``max_num_media`` (OpenFlamingo's default) an image's latents do not depend on its
+    # slot in the sequence, so prompts may hold more images than training documents did.
+    self.media_time_embs = (
+        param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_media, width),
+              ("media", "embed"), param_dtype) if cfg.max_num_media else None)
     self.layers = nnx.List([PerceiverResamplerLayer(cfg, width, **kw) for _ in range(cfg.depth)])
     self.norm = LayerNorm(width, eps=NORM_EPS, **kw)
 
@@ -139,10 +142,10 @@ class PerceiverResampler(nnx.Module):
     if features.ndim == 4:
       features = features[:, :, None]
     b, t, f, p, _ = features.shape
-    max_num_media = self.media_time_embs.shape[0]
-    if t > max_num_media:
+    if self.media_time_embs is not None and t > self.media_time_embs.shape[0]:
       raise ValueError(f"features hold {t} media per sample (axis 1 of shape "
-                       f"{tuple(features.shape)}), more than max_num_media={max_num_media}")
+                       f"{tuple(features.shape)}), more than "
+                       f"max_num_media={self.media_time_embs.shape[0]}")
     if media_mask is not None:
       if media_mask.shape == (b, t):
         media_mask = media_mask[:, :, None]
@@ -160,7 +163,8 @@ class PerceiverResampler(nnx.Module):
     frame_embs = interpolate_frame_embeddings(self.frame_embs[...], f).astype(self.dtype)
     x = x + frame_embs[:, None, :]  # [F, 1, D] over [B, T, F, P, D]
     x = x.reshape(b, t, f * p, self.width)  # all frames of one medium form one key sequence
-    x = x + self.media_time_embs[:t].astype(self.dtype)[:, None, :]  # [T, 1, D]
+    if self.media_time_embs is not None:
+      x = x + self.media_time_embs[:t].astype(self.dtype)[:, None, :]  # [T, 1, D]
 
     media = x.reshape(b * t, f * p, self.width)  # media resampled independently
     latents = jnp.broadcast_to(self.latents[...].astype(self.dtype),

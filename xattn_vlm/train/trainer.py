@@ -85,7 +85,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.max_tokens > config.model.lm.max_length:
     raise ValueError(f"config.data.max_tokens={config.data.max_tokens} exceeds "
                      f"config.model.lm.max_length={config.model.lm.max_length}")
-  if config.data.max_images > config.model.resampler.max_num_media:
+  max_num_media = config.model.resampler.max_num_media
+  if max_num_media and config.data.max_images > max_num_media:
     raise ValueError(f"config.data.max_images={config.data.max_images} exceeds "
                      f"config.model.resampler.max_num_media={config.model.resampler.max_num_media}")
 
