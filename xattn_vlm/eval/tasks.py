@@ -174,44 +174,8 @@ class TaskData:
 # -- the shapes world --------------------------------------------------------------------------
 
 
-class ShapesRecords(Sequence):
-  """Benchmark records of the shapes world, drawn and rendered on access (``id`` = index).
-
-  ``kind="caption"``: ``captions`` are the item's caption and its independent references (CIDEr
-  has 6 references per image). ``kind="vqa"``: ``answers`` repeat the one true answer 10 times,
-  as if 10 annotators agreed, so VQA accuracy is exact match after the official normalisation;
-  ``question_type`` says which of ``shapes_world.QUESTION_TYPES`` it is.
-  """
-
-  def __init__(self, kind: str, *, split: str, num_records: int, seed: int, image_size: int):
-    if kind not in ("caption", "vqa"):
-      raise ValueError(f"kind: expected 'caption' or 'vqa', got {kind!r}")
-    if num_records < 1:
-      raise ValueError(f"num_records: expected >= 1, got {num_records}")
-    self.kind, self.split, self.seed, self.image_size = kind, split, seed, image_size
-    self._len = num_records
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return [self[i] for i in range(*index.indices(len(self)))]
-    if not 0 <= index < self._len:
-      raise IndexError(f"index {index} out of range for {self._len} records")
-    if self.kind == "caption":
-      item = shapes_world.caption_example(self.split, self.seed, index, image_size=self.image_size)
-      return {"id": index, "image": item["image"], "captions": [item["caption"]]
-              + item["references"], "held_out": item["held_out"]}
-    item = shapes_world.vqa_example(self.split, self.seed, index, image_size=self.image_size)
-    return {"id": index, "image": item["image"], "question": item["question"],
-            "answers": [item["answer"]] * 10, "question_type": item["question_type"],
-            "held_out": item["held_out"]}
-
-
-class BindingQueries(Sequence):
-  """The binding task's queries: ``{"id": index}``; the episode is drawn per shot count and
-  trial by ``binding_episode``."""
+class _GeneratedRecords(Sequence):
+  """``num_records`` records made on access by ``_record(index)``; slices give lists."""
 
   def __init__(self, num_records: int):
     if num_records < 1:
@@ -226,6 +190,43 @@ class BindingQueries(Sequence):
       return [self[i] for i in range(*index.indices(len(self)))]
     if not 0 <= index < self._len:
       raise IndexError(f"index {index} out of range for {self._len} records")
+    return self._record(index)
+
+  def _record(self, index: int) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+class ShapesRecords(_GeneratedRecords):
+  """Benchmark records of the shapes world, drawn and rendered on access (``id`` = index).
+
+  ``kind="caption"``: ``captions`` are the item's caption and its independent references (CIDEr
+  has 6 references per image). ``kind="vqa"``: ``answers`` repeat the one true answer 10 times,
+  as if 10 annotators agreed, so VQA accuracy is exact match after the official normalisation;
+  ``question_type`` says which of ``shapes_world.QUESTION_TYPES`` it is.
+  """
+
+  def __init__(self, kind: str, *, split: str, num_records: int, seed: int, image_size: int):
+    if kind not in ("caption", "vqa"):
+      raise ValueError(f"kind: expected 'caption' or 'vqa', got {kind!r}")
+    super().__init__(num_records)
+    self.kind, self.split, self.seed, self.image_size = kind, split, seed, image_size
+
+  def _record(self, index: int) -> dict[str, Any]:
+    if self.kind == "caption":
+      item = shapes_world.caption_example(self.split, self.seed, index, image_size=self.image_size)
+      return {"id": index, "image": item["image"], "captions": [item["caption"]]
+              + item["references"], "held_out": item["held_out"]}
+    item = shapes_world.vqa_example(self.split, self.seed, index, image_size=self.image_size)
+    return {"id": index, "image": item["image"], "question": item["question"],
+            "answers": [item["answer"]] * 10, "question_type": item["question_type"],
+            "held_out": item["held_out"]}
+
+
+class BindingQueries(_GeneratedRecords):
+  """The binding task's queries: ``{"id": index}``; the episode is drawn per shot count and
+  trial by ``binding_episode``."""
+
+  def _record(self, index: int) -> dict[str, Any]:
     return {"id": index}
 
 
