@@ -89,9 +89,10 @@ def xattn_config(*, every_n_layers: int = 1, num_heads: int = 8, head_dim: int =
 
 def flamingo_config(*, lm, vision, resampler, xattn, num_added_tokens: int = 2,
                     dtype: str = "float32", param_dtype: str = "float32",
-                    remat: bool = False) -> ml_collections.ConfigDict:
+                    remat: str = "none") -> ml_collections.ConfigDict:
   """The whole model. Added tokens get ids ``lm.vocab_size + k``: k=0 is ``<image>``, k=1 is
-  ``<|endofchunk|>``; their input and output rows train, the LM vocabulary stays frozen."""
+  ``<|endofchunk|>``; their input and output rows train, the LM vocabulary stays frozen.
+  ``remat`` names what each block keeps for the backward pass (``models.remat.NAMES``)."""
   return ml_collections.ConfigDict(dict(
       lm=lm, vision=vision, resampler=resampler, xattn=xattn, num_added_tokens=num_added_tokens,
       dtype=dtype, param_dtype=param_dtype, remat=remat,

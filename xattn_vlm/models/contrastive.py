@@ -39,7 +39,7 @@ class DualEncoder(nnx.Module):
 
   def __init__(self, vision: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *,
                embed_dim: int, init_temperature: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False):
+               param_dtype=jnp.float32, remat: str | bool = "none"):
     if not 0 < init_temperature < 1:
       raise ValueError(f"init_temperature must be in (0, 1), got {init_temperature}")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

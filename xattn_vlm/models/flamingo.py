@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx, struct
 
 from xattn_vlm.models import layers
+from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.lm import DecoderLM, LMCache
 from xattn_vlm.models.resampler import PerceiverResampler
 from xattn_vlm.models.vision import VisionEncoder
@@ -129,11 +130,8 @@ class Flamingo(nnx.Module):
     def before_block(i, h):
       if i not in slot:
         return h
-      block = self.gated_blocks[slot[i]]
-      if self.config.remat:
-        return nnx.remat(lambda blk, y, kv, m: blk(y, kv, m))(block, h, media_kv[slot[i]],
-                                                               xattn_mask)
-      return block(h, media_kv[slot[i]], xattn_mask)
+      run_block = remat_lib.rematerialise(lambda blk, y, kv, m: blk(y, kv, m), self.config.remat)
+      return run_block(self.gated_blocks[slot[i]], h, media_kv[slot[i]], xattn_mask)
 
     return self.lm.forward_embeddings(self.embed(input_ids), positions, attention_mask,
                                       cache=cache, before_block=before_block)

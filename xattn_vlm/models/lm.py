@@ -21,6 +21,7 @@ from flax import nnx
 from flax import struct
 
 from xattn_vlm.models import layers
+from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.config import LM_FAMILIES
 
 
@@ -126,7 +127,7 @@ class DecoderLM(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False):
+               param_dtype=jnp.float32, remat: str | bool = "none"):
     if cfg.family not in LM_FAMILIES:
       raise ValueError(f"cfg.family must be one of {LM_FAMILIES}, got {cfg.family!r}")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -135,7 +136,7 @@ class DecoderLM(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.cfg = cfg
     self.dtype = dtype
-    self.remat = remat
+    self.remat = remat_lib.policy_name(remat)
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, **kw)
     self.position_embed = (layers.Embed(cfg.max_length, cfg.embed_dim, axes=(None, "embed"), **kw)
                            if cfg.family == "gpt2" else None)
@@ -196,7 +197,7 @@ class DecoderLM(nnx.Module):
     h = x.astype(self.dtype)
     if self.position_embed is not None:
       h = h + self.position_embed(positions)
-    run_block = nnx.remat(DecoderBlock.__call__) if self.remat else DecoderBlock.__call__
+    run_block = remat_lib.rematerialise(DecoderBlock.__call__, self.remat)
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       if before_block is not None:

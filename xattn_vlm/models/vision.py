@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.layers import MLP, Dense, LayerNorm, dot_product_attention, param
 
 
@@ -71,11 +72,12 @@ class VisionEncoder(nnx.Module):
 
   Patches are cut in row-major order (as CLIP's strided convolution flattens them), embedded by
   one bias-free linear map, prefixed by the class token and given learned position embeddings.
-  ``remat`` recomputes each block's activations in the backward pass instead of storing them.
+  ``remat`` (a ``models.remat`` policy name) recomputes each block's activations in the backward
+  pass instead of storing them.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False):
+               param_dtype=jnp.float32, remat: str | bool = "none"):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"vision image_size ({cfg.image_size}) must be a multiple of patch_size "
                        f"({cfg.patch_size})")
@@ -94,7 +96,7 @@ class VisionEncoder(nnx.Module):
     # The normalisation the pixels must already have; kept for processors that feed this tower.
     self.image_mean = tuple(cfg.image_mean)
     self.image_std = tuple(cfg.image_std)
-    self.remat = remat
+    self.remat = remat_lib.policy_name(remat)
     self.dtype = dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -133,7 +135,7 @@ class VisionEncoder(nnx.Module):
   def __call__(self, pixels: jax.Array) -> jax.Array:
     self._check_pixels(pixels)
     x = self.pre_layrnorm(self.embed(pixels))
-    run_block = nnx.remat(_run_block) if self.remat else _run_block
+    run_block = remat_lib.rematerialise(_run_block, self.remat)
     for block in self.layers:
       x = run_block(block, x)
     if self.post_layernorm is not None:

@@ -160,7 +160,7 @@ def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, i
   config.model = model
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "float32"
-  config.model.remat = True
+  config.model.remat = "full"
   config.mesh.update(meshes[settings.mesh])
   config.mesh.dcn_data = settings.slices
   config.data.max_tokens = 256
