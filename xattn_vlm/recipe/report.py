@@ -255,7 +255,7 @@ def grid(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     return
   columns = 4
   rows = -(-len(panels) // columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 5.2 * rows), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, (image, text) in zip(axes.flat, panels):
