@@ -15,7 +15,9 @@ Fields (``base_config``):
     (tests, benchmarks).
   data: the mixture; ``tokenizer`` is a local Hugging Face folder ('' = the shapes-world BPE);
     ``datasets.<name>`` holds ``source`` (see ``input_pipeline``), GLOBAL
-    ``batch_size``, ``weight`` (lambda_m) and source arguments.
+    ``batch_size``, ``weight`` (lambda_m) and source arguments; ``feature_cache`` ('' = none) is a
+    directory of the frozen vision tower's features (``python -m xattn_vlm.train.build_features``)
+    that the Flamingo stage reads instead of running the tower.
   mesh: sizes of the ``data``, ``fsdp``, ``tensor`` axes (-1: the rest of the devices);
     ``dcn_data`` > 1 splits ``data`` over that many slices (data parallel over DCN).
   sharding: logical-axis rules (logical name -> mesh axes) and the size above which a parameter
@@ -74,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_images=2,
       image_mode="pad",
       num_workers=0,
+      feature_cache="",
       datasets=ml_collections.ConfigDict(),
   ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))

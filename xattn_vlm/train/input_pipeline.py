@@ -13,6 +13,9 @@ An entry may set its own ``max_tokens`` and ``media_slots`` (image slots per exa
 shapes of long interleaved documents. Every step yields ``{name: batch}`` with one batch per
 dataset; the iterator's state is saved with each checkpoint, so a resumed run reads exactly the
 batches an uninterrupted one would.
+
+With ``config.data.feature_cache`` set (the Flamingo stage), the image datasets read the frozen
+tower's features from that cache (``data.features``) instead of pixels, so the tower never runs.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from xattn_vlm.data import features
 from xattn_vlm.data import pipeline
 from xattn_vlm.data import shapes_world
 from xattn_vlm.data import sources
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
+from xattn_vlm.train import stages
 
 SOURCES = ("shapes", "shapes_text", "image_text_folder", "webdataset", "mmc4")
 _COMPONENT_KEYS = ("source", "batch_size", "weight", "max_tokens", "media_slots")
@@ -109,27 +114,79 @@ def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
   return tokenizer
 
 
+def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+               cache: features.FeatureCache | None = None) -> dict[str, pipeline.Component]:
+  """The datasets of ``config.data``: records and transform of each. Image datasets give pixels
+  (``pipeline.ExampleTransform``), or with ``cache`` the cached features of their images."""
+  if not config.data.datasets:
+    raise ValueError("config.data.datasets: expected at least one dataset, got none")
+  vision = config.model.vision
+  result = {}
+  for name, component in config.data.datasets.items():
+    source = _source(name, component, config)
+    max_tokens = component.get("max_tokens", config.data.max_tokens)
+    max_images = component.get("media_slots", config.data.max_images)
+    if component.source == "shapes_text":
+      transform = TextTransform(tokenizer, max_tokens=max_tokens)
+    elif cache is not None:
+      _check_cached(name, source, cache)
+      transform = features.CachedFeaturesTransform(tokenizer, cache, max_tokens=max_tokens,
+                                                   max_images=max_images)
+    else:
+      transform = pipeline.ExampleTransform(
+          tokenizer, max_tokens=max_tokens, max_images=max_images, image_size=vision.image_size,
+          mean=vision.image_mean, std=vision.image_std, mode=config.data.image_mode)
+    result[name] = pipeline.Component(source, transform, batch_size=component.batch_size,
+                                      weight=component.weight)
+  return result
+
+
+_REBUILD = "build it for this config with `python -m xattn_vlm.train.build_features`"
+
+
+def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCache | None:
+  """``config.data.feature_cache`` opened and checked against the model's vision tower (None when
+  unset)."""
+  path = config.data.feature_cache
+  if not path:
+    return None
+  if config.stage != "flamingo":
+    raise ValueError(f"config.data.feature_cache={path!r}: only the flamingo stage, whose vision "
+                     f"tower is frozen, can read cached features; got stage {config.stage!r}")
+  try:
+    cache = features.FeatureCache(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.data.feature_cache={path!r}: {e}; {_REBUILD}") from e
+  expected = stages.vision_feature_shape(config)
+  if cache.shape != expected:
+    raise ValueError(f"config.data.feature_cache={path!r} holds features of shape {cache.shape} "
+                     f"per image, but config.model.vision's tower outputs {expected}; {_REBUILD}")
+  return cache
+
+
+def _check_cached(name: str, source, cache: features.FeatureCache) -> None:
+  """Raises unless the images of the dataset's first readable record with images are in
+  ``cache`` (a cache built for other data would otherwise skip every record, one at a time)."""
+  for index in range(len(source)):
+    try:
+      record = source[index]
+    except pipeline.SKIPPED_ERRORS:
+      continue
+    keys = [c.key for c in record["chunks"] if isinstance(c, sources.ImageRef)]
+    missing = [key for key in keys if key not in cache]
+    if missing:
+      raise ValueError(f"config.data.feature_cache={str(cache.directory)!r} has no features for "
+                       f"image {missing[0]!r} of config.data.datasets.{name} (record {index}); "
+                       f"{_REBUILD}")
+    if keys:
+      return
+
+
 def create_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                     process_count: int | None = None) -> pipeline.MixtureIterator:
   """This process's mixture iterator for ``config.data``."""
-  if not config.data.datasets:
-    raise ValueError("config.data.datasets: expected at least one dataset, got none")
-  tokenizer = tokenizer_for(config)
-  vision = config.model.vision
-  components = {}
-  for name, component in config.data.datasets.items():
-    max_tokens = component.get("max_tokens", config.data.max_tokens)
-    if component.source == "shapes_text":
-      transform = TextTransform(tokenizer, max_tokens=max_tokens)
-    else:
-      transform = pipeline.ExampleTransform(
-          tokenizer, max_tokens=max_tokens,
-          max_images=component.get("media_slots", config.data.max_images),
-          image_size=vision.image_size, mean=vision.image_mean, std=vision.image_std,
-          mode=config.data.image_mode)
-    components[name] = pipeline.Component(_source(name, component, config), transform,
-                                          batch_size=component.batch_size,
-                                          weight=component.weight)
-  return pipeline.mixture_iterator(components, seed=config.data.seed,
+  cache = open_feature_cache(config)
+  return pipeline.mixture_iterator(components(config, tokenizer_for(config), cache),
+                                   seed=config.data.seed,
                                    process_index=process_index, process_count=process_count,
                                    num_workers=config.data.num_workers)

@@ -202,6 +202,16 @@ def build_tower(config: ml_collections.ConfigDict, model_key: str) -> nnx.Module
   return VisionEncoder(config.model.vision, rngs=rngs, **_dtypes(config))
 
 
+def vision_feature_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The frozen vision tower's output for one image, ``(P, D)``: what a feature cache for this
+  config must hold (traced, so it follows every ``config.model.vision`` field)."""
+  vision = config.model.vision
+  tower = nnx.eval_shape(lambda: build_tower(config, "vision"))
+  pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size, vision.num_channels),
+                                jnp.float32)
+  return tuple(nnx.eval_shape(lambda module, x: module(x), tower, pixels).shape[1:])
+
+
 def _gate_metrics(config, params) -> dict[str, jax.Array]:
   """tanh of both gates of every gated block, keyed by the LM layer it precedes."""
   layers = flamingo_lib.gated_layer_indices(config.model.lm.num_layers,

@@ -150,20 +150,26 @@ def create_train_state(s: Setup) -> TrainState:
 
   state = jax.jit(init, out_shardings=s.state_sharding)()
   for tower in s.stage.pretrained(s.config):
-    sharding = s.state_sharding.params[tower.target]
-    if tower.hf_loader is not None:
-      module = nnx.eval_shape(lambda: stages_lib.build_tower(s.config, tower.model_key))
-      tower.hf_loader(module, tower.path)
-      loaded = jax.device_put(nnx.state(module, nnx.Param), sharding)
-    else:
-      target = checkpoint_lib.abstract_with_shardings(s.abstract_state.params[tower.target],
-                                                      sharding)
-      loaded = checkpoint_lib.load_params(
-          tower.path, target, source=tower.source, stage=tower.stage,
-          model_key=tower.model_key, config=s.config, setting=tower.setting)
-    state.params[tower.target] = loaded
-    logging.info("%s: loaded from %s", tower.target, tower.path)
+    state.params[tower.target] = load_pretrained(s, tower)
   return state
+
+
+def load_pretrained(s: Setup, tower: stages_lib.Pretrained) -> nnx.State:
+  """The parameters of ``tower`` (an earlier run's or a Hugging Face folder's), placed with the
+  train state's shardings of ``tower.target``."""
+  sharding = s.state_sharding.params[tower.target]
+  if tower.hf_loader is not None:
+    module = nnx.eval_shape(lambda: stages_lib.build_tower(s.config, tower.model_key))
+    tower.hf_loader(module, tower.path)
+    loaded = jax.device_put(nnx.state(module, nnx.Param), sharding)
+  else:
+    target = checkpoint_lib.abstract_with_shardings(s.abstract_state.params[tower.target],
+                                                    sharding)
+    loaded = checkpoint_lib.load_params(
+        tower.path, target, source=tower.source, stage=tower.stage,
+        model_key=tower.model_key, config=s.config, setting=tower.setting)
+  logging.info("%s: loaded from %s", tower.target, tower.path)
+  return loaded
 
 
 def _microbatches(batch: Mapping[str, jax.Array], k: int, mesh: Mesh,
