@@ -114,3 +114,12 @@ def test_cli_needs_exactly_one_target():
   assert result.returncode != 0
   assert "expected exactly one of --topology, --cpu_devices, --gpu" in result.stderr
 
+
+def test_a_train_state_larger_than_hbm_is_refused_before_compiling():
+  """Flamingo-80B's f32 state on 4 v5e chips without fsdp: exact bytes from the shardings."""
+  config = experiment_config("flamingo_80b", "mesh=tpu")
+  config.mesh.update(data=4, fsdp=1, tensor=1)
+  with pytest.raises(plan_lib.DoesNotFitError,
+                     match=r"the train state alone takes [0-9,.]+ GiB per device on v5e:2x2, "
+                           r"which has 16\.00 GiB \(not compiled\)"):
+    plan_lib.compile_plan(config, plan_lib.tpu_devices("v5e:2x2"), "v5e:2x2")

@@ -2,7 +2,8 @@
 
 Compiles the trainer's update step ahead of time for a target and prints per-device memory
 (against the chip's HBM), FLOPs per step, how the largest parameters are sharded, and the
-predicted step time and MFU; exits 1 when the step does not fit. TARGET is one of:
+predicted step time and MFU; exits 1 when the step does not fit (``--json=FILE`` also writes the
+headline figures there, for ``benchmarks/plan_table.py``). TARGET is one of:
 
   --topology=v5p:8x8x8  a Cloud TPU slice, compiled by libtpu on this host (no TPU needed;
                         pip install -e '.[tpu]'); --num_slices=N for N such slices over DCN
@@ -13,6 +14,7 @@ predicted step time and MFU; exits 1 when the step does not fit. TARGET is one o
 Config overrides work as in training, e.g. ``--config.mesh.fsdp=64 --config.mesh.data=-1``.
 """
 
+import json
 import sys
 
 from absl import app
@@ -32,6 +34,8 @@ flags.DEFINE_string("gpu", None, f"KIND:COUNT, KIND one of {sorted(plan_lib.GPU_
 flags.DEFINE_integer("top", 8, "How many of the largest parameters to show.")
 flags.DEFINE_string("markdown", None, "Also print the plan as a Markdown table row naming the "
                     "config so (the README's plan table).")
+flags.DEFINE_string("json", None, "Also write the plan's headline figures (plan_lib.summary) to "
+                    "this file; when XLA refuses the step, {\"fits\": false, \"error\": ...}.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -58,13 +62,21 @@ def _plan() -> plan_lib.Plan:
                                f"TPU topology {FLAGS.topology}{slices}", FLAGS.top)
 
 
+def _write_json(figures: dict) -> None:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(figures, f, indent=1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     plan = _plan()
   except plan_lib.DoesNotFitError as error:
+    _write_json(dict(fits=False, error=str(error)))
     sys.exit(str(error))
+  _write_json(plan_lib.summary(plan))
   print(plan_lib.report(plan))
   if FLAGS.markdown:
     print(plan_lib.markdown_row(plan, FLAGS.markdown))

@@ -299,10 +299,20 @@ def compile_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
                  top: int = 8) -> Plan:
   """Compiles the update step of ``config`` for ``devices`` (a TPU topology's, or CPU devices)
   and reads XLA's memory and cost analyses. Raises ``ValueError`` naming the setting when the
-  config does not suit the devices, ``DoesNotFitError`` when XLA runs out of device memory while
-  compiling, and XLA's own error for other compilation failures."""
+  config does not suit the devices, ``DoesNotFitError`` when the train state alone (exact bytes
+  from its shardings, no compile: minutes saved at paper size) or XLA's placement of the step
+  exceeds the device memory, and XLA's own error for other compilation failures."""
   mesh = sharding_lib.create_mesh(config.mesh, devices)
+  device = mesh.devices.flat[0]
+  chip = TPU_CHIPS.get(device.device_kind) if device.platform == "tpu" else None
+  share = getattr(device, "num_cores", 1) / chip.cores if chip else 1.0
   s, batches, parameters = _setup(config, mesh)
+  state_bytes = device_bytes(s.abstract_state, s.state_sharding)
+  if chip and state_bytes > chip.hbm_bytes * share:
+    raise DoesNotFitError(f"does not fit: the train state alone takes {_gib(state_bytes)} per "
+                          f"device on {target}, which has {_gib(chip.hbm_bytes * share)} (not "
+                          f"compiled); use more chips or shard more (config.mesh.fsdp, "
+                          f"config.mesh.tensor)")
   state = checkpoint_lib.abstract_with_shardings(s.abstract_state, s.state_sharding)
   seconds = {}
   start = time.perf_counter()
@@ -320,9 +330,6 @@ def compile_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
                           f"(config.microbatches)") from error
   seconds["compile"] = time.perf_counter() - start
 
-  device = mesh.devices.flat[0]
-  chip = TPU_CHIPS.get(device.device_kind) if device.platform == "tpu" else None
-  share = getattr(device, "num_cores", 1) / chip.cores if chip else 1.0
   analysis = cost_analysis(compiled)
   predicted = analysis.get("optimal_seconds") if chip else None
   return Plan(
@@ -506,6 +513,19 @@ def markdown_row(plan: Plan, config_name: str) -> str:
     mfu = " - ".join(f"{m:.0%}" for m in reversed(plan.mfu))
   return (f"| {config_name} | {plan.target} | {mesh} | {memory} | "
           f"{'yes' if plan.fits else 'NO'} | {step} | {mfu} |")
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+  """The plan's headline figures as JSON-ready values (``python -m xattn_vlm.plan --json``): what
+  a table over many targets needs, without the compiled step."""
+  return dict(
+      target=plan.target, mesh=plan.mesh_shape, devices=plan.num_devices,
+      chips=plan.num_devices * plan.device_share,
+      chip=None if plan.chip is None else plan.chip.name,
+      memory_bytes=plan.memory.total, device_memory_bytes=plan.device_memory, fits=plan.fits,
+      model_flops=plan.model_flops, device_flops=plan.device_flops,
+      compute_seconds=plan.compute_seconds, communication_seconds=plan.communication_seconds,
+      step_seconds=plan.step_seconds, mfu=plan.mfu, host_seconds=plan.seconds)
 
 
 def does_not_fit_message(plan: Plan) -> str:

@@ -1,0 +1,209 @@
+"""The README's plan table: ``python -m xattn_vlm.plan`` over paper configs and TPU topologies.
+
+Each (config, topology) cell is one subprocess running the plan CLI with ``--json`` (one compile at
+a time: libtpu's compile of a paper-size step takes many minutes and GiBs of host memory), on
+``experiments/<config>.py:mesh=tpu`` (``--preset``) with the experiment's own global batch (the
+paper's). The preset's mesh is sized for one slice; on another topology its ``tensor`` axis is
+kept, ``fsdp`` capped at the devices left over and ``data`` takes the rest (``fitted_mesh``).
+Topologies run in order of chip count per TPU generation; after the first that fits, only
+``--after_fit`` larger ones are planned (a step that fits on N chips fits on more). Prints a
+Markdown table: config, topology, chips, mesh, memory per chip against its HBM, fits, predicted
+step time and MFU (the plan's range from communication fully to not overlapped) and the plan's
+wall time on this host, with the smallest topology of each generation that fits in bold.
+
+COMMAND: python -m benchmarks.plan_table \
+    --configs=flamingo_3b,openflamingo_9b,flamingo_9b,flamingo_80b \
+    --topologies=v5p:2x2x2,v5p:2x4x4,v5p:4x4x8,v5p:8x8x8 --after_fit=0
+(the defaults; add e.g. v5e:4x4,v5e:8x8,v5e:16x16 for a second generation). One paper-size compile
+takes 20-25 minutes and up to 13 GiB of memory on a 2-core host: the layers are unrolled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+_CONFIGS = flags.DEFINE_list(
+    "configs", ["flamingo_3b", "openflamingo_9b", "flamingo_9b", "flamingo_80b"],
+    "experiments/<name>.py files, planned with their --preset.")
+_TOPOLOGIES = flags.DEFINE_list(
+    "topologies", ["v5p:2x2x2", "v5p:2x4x4", "v5p:4x4x8", "v5p:8x8x8"],
+    "Cloud TPU topologies, e.g. v5e:8x8 or v5p:4x4x8 (chips: the product of the dimensions, one "
+    "device each).")
+_AFTER_FIT = flags.DEFINE_integer(
+    "after_fit", 0, "Larger topologies of a generation to plan after the first that fits.")
+_PRESET = flags.DEFINE_string("preset", "mesh=tpu", "The preset string of every config.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds one plan may take.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", [], "A --config.KEY=VALUE for every plan (e.g. config.microbatches=2).")
+
+
+@dataclasses.dataclass
+class Cell:
+  """One plan: its figures (``plan_lib.summary``), or why there are none."""
+  config: str
+  topology: str
+  mesh: dict[str, int]
+  figures: dict[str, Any] | None = None
+  error: str = ""
+  seconds: float = 0.0
+
+  @property
+  def fits(self) -> bool:
+    return bool(self.figures and self.figures.get("fits"))
+
+
+def chips(topology: str) -> int:
+  """``v5p:4x4x8`` -> 128."""
+  return math.prod(int(d) for d in topology.partition(":")[2].split("x"))
+
+
+def fitted_mesh(preset: dict[str, int], devices: int) -> dict[str, int]:
+  """The preset's mesh for ``devices``: its tensor axis (at most the devices), fsdp capped at the
+  devices left over, data the rest."""
+  tensor = min(preset["tensor"], devices)
+  fsdp = min(preset["fsdp"], devices // tensor)
+  return dict(data=devices // (fsdp * tensor), fsdp=fsdp, tensor=tensor)
+
+
+def preset_mesh(config: str, preset: str) -> dict[str, int]:
+  """``experiments/<config>.py:<preset>``'s mesh sizes."""
+  spec = importlib.util.spec_from_file_location(config, REPO / "experiments" / f"{config}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  mesh = module.get_config(preset).mesh
+  return dict(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor)
+
+
+def plan_command(config: str, preset: str, topology: str, mesh: dict[str, int], json_path: str,
+                 overrides: Sequence[str] = ()) -> list[str]:
+  return [sys.executable, "-m", "xattn_vlm.plan", f"--config=experiments/{config}.py:{preset}",
+          f"--topology={topology}", f"--json={json_path}",
+          *[f"--config.mesh.{axis}={size}" for axis, size in mesh.items()],
+          *[f"--{o.removeprefix('--')}" for o in overrides]]
+
+
+def run_plan(config: str, preset: str, topology: str, overrides: Sequence[str] = (),
+             timeout: float = 3600) -> Cell:
+  """Plans one cell in a subprocess (``python -m xattn_vlm.plan --json``)."""
+  cell = Cell(config, topology, fitted_mesh(preset_mesh(config, preset), chips(topology)))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "plan.json"
+    start = time.perf_counter()
+    try:
+      command = plan_command(config, preset, topology, cell.mesh, str(path), overrides)
+      result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      cell.error = f"no plan within {timeout:.0f} s"
+      return cell
+    finally:
+      cell.seconds = time.perf_counter() - start
+    if path.exists():
+      cell.figures = json.loads(path.read_text())
+      cell.error = cell.figures.get("error", "")
+    else:
+      cell.error = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+  return cell
+
+
+def plan_all(configs: Sequence[str], preset: str, topologies: Sequence[str], after_fit: int,
+             overrides: Sequence[str] = (), timeout: float = 3600) -> list[Cell]:
+  """Cells of every config on each generation's topologies, smallest first, stopping
+  ``after_fit`` topologies after the first that fits. Ctrl-C (SIGINT) ends the sweep with the
+  cells finished so far: a paper-size sweep takes hours on a small host."""
+  generations = {}
+  for topology in sorted(topologies, key=chips):
+    generations.setdefault(topology.partition(":")[0], []).append(topology)
+  cells = []
+  try:
+    for config in configs:
+      for ladder in generations.values():
+        left = None
+        for topology in ladder:
+          if left == 0:
+            break
+          cell = run_plan(config, preset, topology, overrides, timeout)
+          print(row(cell), file=sys.stderr, flush=True)
+          cells.append(cell)
+          if left is not None:
+            left -= 1
+          elif cell.fits:
+            left = after_fit
+  except KeyboardInterrupt:
+    print(f"interrupted: a table of the {len(cells)} plans finished", file=sys.stderr)
+  return cells
+
+
+def _memory(cell: Cell) -> str:
+  figures = cell.figures
+  if not figures or "memory_bytes" not in figures:
+    state = re.search(r"the train state alone takes ([0-9.,]+ GiB)", cell.error)
+    if state:
+      return f"train state alone {state[1]} (not compiled)"
+    return "over HBM (XLA refused)" if "does not fit" in cell.error else f"error: {cell.error}"
+  used, hbm = figures["memory_bytes"] / 2**30, figures["device_memory_bytes"] / 2**30
+  return f"{used:,.1f} of {hbm:,.0f} GiB ({used / hbm:.0%})"
+
+
+def _time(seconds: float) -> str:
+  return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def _step(cell: Cell) -> str:
+  if not cell.fits or not cell.figures.get("step_seconds"):
+    return "-"
+  return " - ".join(_time(t) for t in cell.figures["step_seconds"])
+
+
+def row(cell: Cell, smallest: bool = False) -> str:
+  """The cell's Markdown row; ``smallest`` puts its topology in bold."""
+  figures = cell.figures or {}
+  mesh = "x".join(str(v) for v in figures.get("mesh", cell.mesh).values())
+  mfu = "-"
+  if cell.fits and figures.get("mfu"):
+    mfu = " - ".join(f"{m:.0%}" for m in figures["mfu"])
+  fits = "yes" if cell.fits else "no" if "does not fit" in cell.error or figures else "?"
+  topology = f"**{cell.topology}**" if smallest else cell.topology
+  return (f"| {cell.config} | {topology} | {chips(cell.topology)} | {mesh} | {_memory(cell)} | "
+          f"{fits} | {_step(cell)} | {mfu} | {cell.seconds:.0f} s |")
+
+
+def markdown(cells: Sequence[Cell]) -> str:
+  """The table; the smallest topology of each (config, generation) that fits is in bold."""
+  smallest = {}
+  for cell in cells:
+    key = (cell.config, cell.topology.partition(":")[0])
+    if cell.fits and (key not in smallest or chips(cell.topology) < chips(smallest[key])):
+      smallest[key] = cell.topology
+  lines = ["| config | topology | chips | mesh (data x fsdp x tensor) | memory per chip (of HBM) "
+           "| fits | predicted step time | MFU | plan time on host |",
+           "|---|---|---:|---|---|---|---|---|---:|"]
+  lines += [row(c, smallest.get((c.config, c.topology.partition(":")[0])) == c.topology)
+            for c in cells]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cells = plan_all(_CONFIGS.value, _PRESET.value, _TOPOLOGIES.value, _AFTER_FIT.value,
+                   _OVERRIDES.value, _TIMEOUT.value)
+  print(markdown(cells))
+
+
+if __name__ == "__main__":
+  app.run(main)
