@@ -123,3 +123,19 @@ def test_a_train_state_larger_than_hbm_is_refused_before_compiling():
                      match=r"the train state alone takes [0-9,.]+ GiB per device on v5e:2x2, "
                            r"which has 16\.00 GiB \(not compiled\)"):
     plan_lib.compile_plan(config, plan_lib.tpu_devices("v5e:2x2"), "v5e:2x2")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_with_no_batch_dims_saveable"])
+def test_the_train_step_compiles_under_remat(remat):
+  """Remat'd blocks inside the jitted, sharded train step (the paper configs use ``full``)."""
+  config = tiny(**{"model.remat": remat})
+  compiled = plan_lib.compile_plan(config, jax.devices()[:1], "1 CPU device")
+  assert compiled.fits and compiled.device_flops > 0
+
+
+def test_analytic_plan_counts_recomputation_only_under_remat():
+  none = plan_lib.analytic_plan(tiny(**{"model.remat": "none"}), "H100", 8)
+  full = plan_lib.analytic_plan(tiny(**{"model.remat": "full"}), "H100", 8)
+  assert none.model_flops == full.model_flops
+  assert none.device_flops * 8 == pytest.approx(none.model_flops)
+  assert full.device_flops > none.device_flops

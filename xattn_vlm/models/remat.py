@@ -41,4 +41,4 @@ def policy_name(remat: str | bool) -> str:
 def rematerialise(fn: F, remat: str | bool) -> F:
   """``fn`` (a block's forward) under ``nnx.remat`` with the named policy; ``fn`` for ``none``."""
   name = policy_name(remat)
-  return fn if name == "none" else nnx.remat(fn, policy=POLICIES[name])
+  return fn if name == "none" else nnx.remat(fn, policy=POLICIES[name], graph_updates=False)

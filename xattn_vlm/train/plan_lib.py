@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
+from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import configs
 from xattn_vlm.train import flops as flops_lib
@@ -272,7 +273,7 @@ def communication_bytes(s: trainer.Setup) -> float:
   trainable gradients are reduced over the data-parallel devices (a reduce-scatter and an
   all-gather: about twice their share after the other axes' sharding)."""
   fsdp = s.mesh.shape["fsdp"]
-  passes = 3 if s.config.model.remat else 2
+  passes = 3 if _remats(s.config) else 2
   total = 0.0
   for (path, x), sharding in _with_shardings(s.abstract_state.params, s.state_sharding.params):
     if "fsdp" in _mesh_axes(sharding):
@@ -348,6 +349,12 @@ def compile_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
 
 # -- the analytic estimate (GPU clusters) ---------------------------------------------------------
 
+def _remats(config: ml_collections.ConfigDict) -> bool:
+  """Whether blocks recompute their forward in the backward pass. The analytic estimates count
+  every remat policy as ``full`` (keep block inputs only, recompute the whole block)."""
+  return remat_lib.policy_name(config.model.remat) != "none"
+
+
 def activation_bytes(config: ml_collections.ConfigDict,
                      shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
                      mesh_shape: Mapping[str, int], batch_shards: int) -> int:
@@ -367,7 +374,7 @@ def activation_bytes(config: ml_collections.ConfigDict,
     heads = max(1, lm.num_heads // tensor)
     block = tokens * (4 * lm.embed_dim + 3 * lm.mlp_dim // tensor) * act
     block += b * heads * length * length * 4  # f32 attention probabilities
-    per_layer = tokens * lm.embed_dim * act if model.remat else block
+    per_layer = tokens * lm.embed_dim * act if _remats(config) else block
     kept = (lm.num_layers + blocks) * per_layer
     logits = 3 * tokens * vocab // tensor * 4
     working = block
@@ -384,7 +391,7 @@ def activation_bytes(config: ml_collections.ConfigDict,
 def _remat_flops(config: ml_collections.ConfigDict, shapes) -> float:
   """The forward FLOPs that per-block remat recomputes in the backward pass (LM and gated
   blocks; the frozen vision tower keeps no activations, so recomputes nothing)."""
-  if not config.model.remat:
+  if not _remats(config):
     return 0.0
   total = 0.0
   for batch in shapes.values():
@@ -428,7 +435,7 @@ def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
   # parameter once; the optimizer reads and writes the trainable state.
   params = s.abstract_state.params
   weights = sum(_nbytes(x) for x in jax.tree.leaves(params)) / shape[2]
-  passes = 3 if config.model.remat else 2
+  passes = 3 if _remats(config) else 2
   hbm_bytes = passes * weights + 6 * trainable + activations
   return Plan(
       config=config, target=f"{count} x {chip.name}",
