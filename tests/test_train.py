@@ -282,3 +282,13 @@ def test_info_nce_is_symmetric_and_low_for_matching_pairs():
   assert float(matched) < 0.01 < float(shuffled)
   a, b = jax.random.normal(jax.random.key(1), (2, 4, 3))
   np.testing.assert_allclose(stages.info_nce(a, b, 2.0), stages.info_nce(b, a, 2.0), rtol=1e-6)
+
+
+def test_a_relative_workdir_trains_saves_and_loads(tmp_path, monkeypatch):
+  """``--workdir=runs/...`` as the README writes it (Orbax itself refuses relative paths)."""
+  monkeypatch.chdir(tmp_path)
+  config = tiny(**{"total_steps": 2, "checkpoint.every_steps": 1})
+  trainer.train_and_evaluate(config, "runs/relative")
+  assert sorted(p.name for p in (tmp_path / "runs/relative/checkpoints").iterdir()) == ["1", "2"]
+  model = checkpoint_lib.load_flamingo("runs/relative")
+  assert model.config.lm.num_layers == config.model.lm.num_layers

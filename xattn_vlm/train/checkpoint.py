@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import grain
@@ -74,6 +75,12 @@ def abstract_with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
+def run_path(workdir: str) -> epath.Path:
+  """``workdir`` as Orbax needs it: absolute for a local path (Orbax refuses relative ones, and
+  the commands take ``--workdir=runs/...``), as given for a URL such as ``gs://bucket/run``."""
+  return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+
+
 class Checkpointer:
   """The run's CheckpointManager with corrupt-step fallback (see the module docstring)."""
 
@@ -81,7 +88,7 @@ class Checkpointer:
     if cfg.every_steps < 1 or cfg.keep < 1:
       raise ValueError(f"config.checkpoint: every_steps and keep must be >= 1, got "
                        f"every_steps={cfg.every_steps}, keep={cfg.keep}")
-    self.workdir = epath.Path(workdir)
+    self.workdir = run_path(workdir)
     self.every_steps = cfg.every_steps
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep,
@@ -162,7 +169,7 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
   or to evaluate): the saved params at ``source`` ('' = all) restored onto ``target``
   (ShapeDtypeStructs with shardings). That run must be ``stage`` with the same
   ``config.model[model_key]``; ``setting`` names the config field holding ``workdir``."""
-  directory = epath.Path(workdir) / CHECKPOINTS
+  directory = run_path(workdir) / CHECKPOINTS
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   steps = manager.all_steps()
   if not steps:
@@ -206,7 +213,7 @@ def load_flamingo(workdir: str, setting: str = "--checkpoint") -> Flamingo:
   """The model of a flamingo-stage training run, for inference or evaluation: its config and
   parameters from the latest readable checkpoint in ``workdir``, on the first local device.
   ``setting`` names the flag or field holding ``workdir`` in errors."""
-  manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS,
+  manager = ocp.CheckpointManager(run_path(workdir) / CHECKPOINTS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:
