@@ -36,15 +36,19 @@ TITLES = {"shapes_captioning": "captioning (CIDEr)", "shapes_vqa": "VQA accuracy
 Results = Mapping[str, Mapping[int, Sequence[float]]]
 
 
+def _vqa_queries(config: ml_collections.ConfigDict) -> tasks_lib.ShapesRecords:
+  """The evaluated VQA test queries, rendered at 8 px: only their questions and answers are read."""
+  shapes = config.eval.shapes
+  return tasks_lib.ShapesRecords("vqa", split="test", num_records=shapes.num_queries,
+                                 seed=shapes.seed, image_size=8)
+
+
 def majority_baseline(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """VQA accuracy (%) of answering every test question with its type's most common training
   answer, overall and per question type, on the evaluated questions."""
-  shapes = config.eval.shapes
-  answers = shapes_world.majority_answers(seed=shapes.seed)
-  queries = tasks_lib.ShapesRecords("vqa", split="test", num_records=shapes.num_queries,
-                                    seed=shapes.seed, image_size=8)
+  answers = shapes_world.majority_answers(seed=config.eval.shapes.seed)
   hits = {t: [] for t in shapes_world.QUESTION_TYPES}
-  for record in queries:
+  for record in _vqa_queries(config):
     hits[record["question_type"]].append(
         metrics_lib.vqa_question_accuracy(answers[record["question_type"]], record["answers"]))
   overall = 100 * float(np.mean([h for v in hits.values() for h in v]))
@@ -60,9 +64,7 @@ def _log_records(workdir: pathlib.Path, task: str, shots: int, trial: int = 0) -
 def vqa_per_type(config: ml_collections.ConfigDict, eval_dir: pathlib.Path,
                  shots: int) -> dict[str, float]:
   """VQA accuracy (%) per question type at ``shots`` (every trial's predictions)."""
-  shapes = config.eval.shapes
-  types = {r["id"]: r["question_type"] for r in tasks_lib.ShapesRecords(
-      "vqa", split="test", num_records=shapes.num_queries, seed=shapes.seed, image_size=8)}
+  types = {r["id"]: r["question_type"] for r in _vqa_queries(config)}
   hits = {t: [] for t in shapes_world.QUESTION_TYPES}
   trials = 1 if config.eval.demonstrations == "rices" else config.eval.trials
   for trial in range(trials):
