@@ -75,9 +75,15 @@ class Dense(nnx.Module):
     n_in = len(self.in_features)
     if x.shape[x.ndim - n_in:] != self.in_features:
       raise ValueError(f"Dense expects trailing dims {self.in_features}, got input shape {x.shape}")
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                            (contract, ((), ())))
+    # One 2-D matmul [rows, in] x [in, out]: XLA:CPU's backward of a dot_general over several
+    # leading (batch, length) dims transposes the output gradient into [out, rows] before the
+    # weight-gradient matmul, a strided copy fused into the elementwise producer that cost as much
+    # as the matmuls themselves; in 2-D the weight gradient reads both operands where they lie.
+    lead = x.shape[:x.ndim - n_in]
+    fan_in, fan_out = math.prod(self.in_features), math.prod(self.out_features)
+    y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), fan_in),
+                self.kernel[...].astype(self.dtype).reshape(fan_in, fan_out))
+    y = y.reshape(lead + self.out_features)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
