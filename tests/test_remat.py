@@ -64,7 +64,10 @@ def test_every_policy_gives_the_loss_and_grads_of_no_remat(build):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-6, err_msg=str(name))
     assert len(grads) == len(want_grads)
     for got, want in zip(grads, want_grads):
-      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=str(name))
+      # float32 rounding of a gradient entry scales with its tensor's largest entries (the sums
+      # that formed it), not with the entry itself: a tiny entry of a large tensor may move more.
+      scale = max(1.0, float(np.abs(want).max()))
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale, err_msg=str(name))
 
 
 def test_booleans_name_full_and_none_and_a_bad_name_raises():

