@@ -14,7 +14,6 @@ stop the run.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import signal
@@ -218,11 +217,15 @@ def make_train_step(s: Setup, weights: Mapping[str, float]) -> Callable:
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    updates, opt_state = s.tx.update(grads, state.opt_state, trainable)
-    keep_old_if_nonfinite = functools.partial(jax.tree.map,
-                                              lambda new, old: jnp.where(finite, new, old))
-    trainable = keep_old_if_nonfinite(optax.apply_updates(trainable, updates), trainable)
-    opt_state = keep_old_if_nonfinite(opt_state, state.opt_state)
+
+    def apply_update(old):
+      updates, opt_state = s.tx.update(grads, old[1], old[0])
+      return optax.apply_updates(old[0], updates), opt_state
+
+    # A cond, not a select between new and old values: selecting made XLA copy the whole
+    # (donated) optimizer state every step to keep the old values alive next to the new ones.
+    trainable, opt_state = jax.lax.cond(finite, apply_update, lambda old: old,
+                                        (trainable, state.opt_state))
     params = nnx.merge_state(trainable, frozen)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
