@@ -3,7 +3,10 @@
 Batch 8 x 128 tokens with one 64x64 image per sample, AdamW, float32. For 1 device and for 8
 forced host devices (mesh data=-1), with the vision tower running and with cached vision
 features, it prints the median step time after warm-up, tokens/s, the analytic model TFLOP/s
-(``train.flops``) and MFU against a float32 2048^3 matmul peak measured in the same process.
+(``train.flops``) and MFU against a float32 2048^3 matmul peak measured in the same process: one
+matmul right before each timed step, so that a machine whose load changes during the run (this
+one is shared) moves the step and the peak together; MFU is the median step's FLOP/s over the
+median peak. The load average before and after each measurement is printed with it.
 
 On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over devices and MFU is
 that total over the one-device matmul peak (which already uses every core).
@@ -47,7 +50,9 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
   config.data.max_images = 1
   config.data.datasets = dict(bench=configs.dataset("shapes", batch_size=8, kind="caption"))
   s = trainer.setup(config)
-  peak = flops.measure_matmul_peak()
+  peak_operand = jax.device_put(jnp.ones((2048, 2048), jnp.float32), jax.devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(peak_operand).block_until_ready()
   lm, vision = config.model.lm, config.model.vision
   batch_size, length = 8, 128
   rng = np.random.default_rng(0)
@@ -73,19 +78,25 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
     state, metrics = step(state, batches)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    times = []
+    times, peaks = [], []
+    load_before = os.getloadavg()[0]
     for i in range(warmup + steps):
+      start = time.perf_counter()
+      matmul(peak_operand).block_until_ready()
+      matmul_s = time.perf_counter() - start
       start = time.perf_counter()
       state, metrics = step(state, batches)
       jax.block_until_ready(metrics)
       if i >= warmup:
         times.append(time.perf_counter() - start)
-    seconds = float(np.median(times))
+        peaks.append(2 * 2048**3 / matmul_s)
+    seconds, peak = float(np.median(times)), float(np.median(peaks))
     model_flops = flops.step_flops(config, jax.tree.map(lambda x: x.shape, batches))
     rows.append(dict(devices=devices, media=name, step_s=seconds, compile_s=compile_s,
                      tokens_per_s=batch_size * length / seconds,
                      tflops=model_flops / seconds / 1e12, mfu=model_flops / seconds / peak,
-                     peak_tflops=peak / 1e12, loss=float(jnp.asarray(metrics["loss"]))))
+                     peak_tflops=peak / 1e12, loss=float(jnp.asarray(metrics["loss"])),
+                     load=(load_before, os.getloadavg()[0])))
   return rows
 
 
@@ -107,12 +118,12 @@ def main(argv) -> None:
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up")
   print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU | "
-        "f32 matmul peak TFLOP/s |")
-  print("|---|---|---|---|---|---|---|---|")
+        "f32 matmul peak TFLOP/s | load average |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['devices']} | {r['media']} | {r['step_s']:.3f} | {r['compile_s']:.1f} | "
           f"{r['tokens_per_s']:,.0f} | {r['tflops']:.4f} | {r['mfu']:.1%} | "
-          f"{r['peak_tflops']:.3f} |")
+          f"{r['peak_tflops']:.3f} | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")
 
 
 if __name__ == "__main__":
