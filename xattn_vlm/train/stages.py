@@ -70,11 +70,16 @@ class Stage:
 
 def next_token_loss_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Summed cross-entropy of predicting ``labels[t+1]`` from position t, over supervised targets
-  (``labels != IGNORE_INDEX``). logits [B, L, V] (float32), labels [B, L] aligned with inputs."""
-  targets = labels[:, 1:]
+  (``labels != IGNORE_INDEX``). logits [B, L, V] (float32), labels [B, L] aligned with inputs.
+
+  The targets are shifted instead of the logits (the last position gets an ignored target): a
+  slice of the logits copied the whole [B, L-1, V] tensor, and its gradient padded it back.
+  """
+  ignored = jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
+  targets = jnp.concatenate([labels[:, 1:], ignored], axis=1)
   supervised = targets != IGNORE_INDEX
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), jnp.where(supervised, targets, 0))
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                        jnp.where(supervised, targets, 0))
   return jnp.sum(jnp.where(supervised, nll, 0.0))
 
 
