@@ -5,8 +5,10 @@ forced host devices (mesh data=-1), with the vision tower running and with cache
 features, it prints the median step time after warm-up, tokens/s, the analytic model TFLOP/s
 (``train.flops``) and MFU against a float32 2048^3 matmul peak measured in the same process: one
 matmul right before each timed step, so that a machine whose load changes during the run (this
-one is shared) moves the step and the peak together; MFU is the median step's FLOP/s over the
-median peak. The load average before and after each measurement is printed with it.
+one is shared) moves the step and the peak together. MFU is the median over steps of each step's
+FLOP/s over the peak measured next to it: a job that starts or stops during the run then shifts
+some pairs, not the ratio of two medians taken over different conditions. The load average
+before and after each measurement is printed with it.
 
 On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over devices and MFU is
 that total over the one-device matmul peak (which already uses every core).
@@ -92,11 +94,12 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
         peaks.append(2 * 2048**3 / matmul_s)
     seconds, peak = float(np.median(times)), float(np.median(peaks))
     model_flops = flops.step_flops(config, jax.tree.map(lambda x: x.shape, batches))
+    mfu = float(np.median([model_flops / t / p for t, p in zip(times, peaks)]))
     rows.append(dict(devices=devices, media=name, step_s=seconds, compile_s=compile_s,
                      tokens_per_s=batch_size * length / seconds,
-                     tflops=model_flops / seconds / 1e12, mfu=model_flops / seconds / peak,
-                     peak_tflops=peak / 1e12, loss=float(jnp.asarray(metrics["loss"])),
-                     load=(load_before, os.getloadavg()[0])))
+                     tflops=model_flops / seconds / 1e12, mfu=mfu, peak_tflops=peak / 1e12,
+                     loss=float(jnp.asarray(metrics["loss"])),
+                     load=(load_before, os.getloadavg()[0]), step_times=times, peaks=peaks))
   return rows
 
 
