@@ -128,6 +128,21 @@ def test_incompatible_workdir_fails_at_start(sharded_run):
     trainer.train_and_evaluate(config, str(workdir))
 
 
+def test_another_mixture_fails_at_start_and_keeps_the_checkpoints(sharded_run):
+  """A renamed dataset cannot take over the saved iterator position: a clear error at start, not
+  a fallback that sets every good checkpoint aside as corrupt and starts again."""
+  workdir, _ = sharded_run
+  config = tiny(**MESH_222, **SGD)
+  datasets = {name: d.to_dict() for name, d in config.data.datasets.items()}
+  datasets["captions"] = datasets.pop("pairs")
+  config.data.datasets = datasets
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match=r"config\.data\.datasets now names \['captions', 'docs'\]"):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+  assert not (workdir / "checkpoints_corrupt").exists()
+
+
 def test_frozen_weights_stay_bit_identical(tmp_path):
   """AdamW on the Flamingo stage: the LM and vision tower do not change by a bit, and optimizer
   moments exist for exactly the trainable parameters."""

@@ -115,7 +115,9 @@ class Checkpointer:
         config=ocp.args.JsonRestore())).config
 
   def check_compatible(self, config: ml_collections.ConfigDict) -> None:
-    """Raises when the latest readable checkpoint's model differs from ``config``'s."""
+    """Raises when the latest readable checkpoint's model, or its mixture's dataset names,
+    differ from ``config``'s (before anything is restored, so a good checkpoint is never taken
+    for a corrupt one and set aside)."""
     current = config_json(config)
     for step in reversed(self.manager.all_steps()):
       try:
@@ -128,6 +130,14 @@ class Checkpointer:
             f"--workdir={self.workdir} holds checkpoints of a different model (step {step}): "
             + "; ".join(differences[:5])
             + ". Use a new --workdir, or the config that wrote these checkpoints.")
+      saved_mixture = sorted(_get(saved, "data.datasets") or {})
+      mixture = sorted(current["data"]["datasets"])
+      if saved_mixture != mixture:
+        raise ValueError(
+            f"--workdir={self.workdir} holds checkpoints (step {step}) whose data iterator covers "
+            f"the datasets {saved_mixture}; config.data.datasets now names {mixture}, and an "
+            "iterator's position cannot be restored onto another mixture. Use a new --workdir, "
+            "or the mixture that wrote these checkpoints.")
       return
 
   def restore_latest(self, target_state, iterator) -> tuple[Any, int] | None:
