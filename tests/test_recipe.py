@@ -6,12 +6,18 @@ import importlib.util
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from xattn_vlm import recipe
+from xattn_vlm.data.sequence import IGNORE_INDEX
+from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
 from xattn_vlm.train import input_pipeline
+from xattn_vlm.train import sharding
+from xattn_vlm.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -37,8 +43,11 @@ def test_smoke_recipe_beats_the_untrained_model_on_vqa(tmp_path):
   saved = json.loads((tmp_path / recipe.SUMMARY).read_text())
   assert saved["results"]["shapes_vqa"] == {str(k): v for k, v in
                                            summary["results"]["shapes_vqa"].items()}
+  reliance = summary["image_reliance"]
+  assert reliance["questions"] > 0 and np.isfinite(reliance["swapped_nll"])
   text = (tmp_path / report.REPORT).read_text()
   assert "| VQA, majority answer per question type |" in text and "![" in text
+  assert "Image-swap ablation" in text
   for figure in (report.FIGURE, report.GRID):
     assert (tmp_path / figure).stat().st_size > 10_000
 
@@ -73,3 +82,32 @@ def test_recipe_batches_have_each_datasets_own_shapes():
   iterator.close()
   assert text["input_ids"].shape == (8, 384)
   assert text["attention_mask"].sum(axis=1).mean() > 250  # 8 texts of about 45 tokens each
+
+
+def test_answer_positions_mark_the_target_before_the_closing_eoc():
+  eoc, x = 9, IGNORE_INDEX
+  labels = jnp.asarray([[x, 5, 6, 7, eoc, x, x],     # answer 7
+                        [x, x, 4, eoc, x, 3, eoc]])  # two chunks: answers 4 and 3
+  expected = np.asarray([[0, 0, 1, 0, 0, 0],
+                         [0, 1, 0, 0, 1, 0]], bool)
+  np.testing.assert_array_equal(diagnostics.answer_positions(labels, eoc), expected)
+
+
+def test_image_reliance_is_exactly_blind_with_gates_at_zero_and_sees_with_gates_open():
+  """Gates at 0: the frozen LM alone, so another question's image changes nothing, to the bit.
+  Gates open: the answers' scores depend on which image comes with them."""
+  config = shapes_tiny("flamingo")
+  config.init.lm_workdir = config.init.vision_workdir = ""  # random towers: no earlier run needed
+  config.data.datasets = {"vqa": dict(config.data.datasets.vqa.to_dict(), batch_size=8)}
+  params = trainer.create_train_state(trainer.setup(config)).params
+
+  closed = diagnostics.image_reliance(config, params, num_batches=1)
+  assert closed["questions"] == 8
+  assert closed["own_nll"] == closed["swapped_nll"]
+  assert closed["own_accuracy"] == closed["swapped_accuracy"]
+
+  opened = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.ones_like(x) if sharding.path_name(path).endswith("attn_gate") else x,
+      params)
+  seen = diagnostics.image_reliance(config, opened, num_batches=1)
+  assert seen["own_nll"] != seen["swapped_nll"]

@@ -9,7 +9,9 @@ the trainer config of each stage, ``eval`` the evaluation's) and, in ``workdir``
 2. evaluates the trained model with ``xattn_vlm.eval.runner`` into ``<workdir>/eval``, and the
    tasks of ``baseline_tasks`` also with the Flamingo stage's starting point (pretrained towers,
    gates at 0, so the frozen LM alone) into ``<workdir>/eval_untrained``;
-3. writes the report (``report.write``): ``report.md``, ``report.png`` and ``grid.png``, plus
+3. measures whether the trained model uses its images (``diagnostics.image_reliance``: VQA
+   answers scored with each question's own image and with another's);
+4. writes the report (``report.write``): ``report.md``, ``report.png`` and ``grid.png``, plus
    ``recipe.json`` with every number in it.
 """
 
@@ -27,6 +29,7 @@ from flax import nnx
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import InferenceModel, Processor
 from xattn_vlm.models.flamingo import Flamingo
+from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import trainer
@@ -83,9 +86,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               model_name="untrained")
   seconds["eval_untrained"] = time.perf_counter() - began
 
-  summary = {"results": results, "untrained": baselines}
   began = time.perf_counter()
-  summary.update(report.write(config, workdir, results, baselines,
+  reliance = diagnostics.image_reliance(flamingo, state.params)
+  seconds["image_reliance"] = time.perf_counter() - began
+  logging.info("recipe: VQA answer NLL %.3f with own images, %.3f with swapped ones",
+               reliance["own_nll"], reliance["swapped_nll"])
+
+  summary = {"results": results, "untrained": baselines, "image_reliance": reliance}
+  began = time.perf_counter()
+  summary.update(report.write(config, workdir, results, baselines, reliance,
                               {**seconds, "total": time.perf_counter() - start}))
   seconds["report"] = time.perf_counter() - began
   seconds["total"] = time.perf_counter() - start

@@ -87,7 +87,8 @@ def _mean(results: Results, task: str, shots: int) -> float:
 
 
 def write(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, results: Results,
-          untrained: Results, seconds: Mapping[str, float]) -> dict[str, Any]:
+          untrained: Results, reliance: Mapping[str, float],
+          seconds: Mapping[str, float]) -> dict[str, Any]:
   """Writes report.md, report.png and grid.png into ``workdir``; returns the baselines and
   target checks it reports."""
   workdir = pathlib.Path(workdir)
@@ -101,7 +102,9 @@ def write(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, result
   if "shapes_vqa" in results:
     best = max(_mean(results, "shapes_vqa", s) for s in shots)
     checks["VQA above the majority baseline"] = best > majority["accuracy"]
-  extras = {"majority": majority, "checks": checks,
+  checks["uses its images (VQA answers worse with another question's image)"] = (
+      reliance["swapped_nll"] > reliance["own_nll"] + 0.1)
+  extras = {"majority": majority, "checks": checks, "image_reliance": dict(reliance),
             "vqa_per_type": vqa_per_type(config, workdir / "eval", shots[-1])
             if "shapes_vqa" in results else {}}
   plot(config, workdir, results, untrained, majority, ways)
@@ -150,6 +153,12 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
   if extras["checks"]:
     lines += ["Targets:", *[f"- {name}: {'yes' if ok else 'NO'}"
                             for name, ok in extras["checks"].items()], ""]
+  r = extras["image_reliance"]
+  lines += [f"Image-swap ablation ({r['questions']} validation VQA questions, teacher-forced): "
+            f"answer NLL {r['own_nll']:.3f} nats and accuracy {r['own_accuracy']:.1f}% with each "
+            f"question's own image, {r['swapped_nll']:.3f} nats and {r['swapped_accuracy']:.1f}% "
+            "with another question's image. A model that reads its images does clearly better "
+            "with its own (the check above asks for 0.1 nats).", ""]
   if extras["vqa_per_type"]:
     per_type = extras["vqa_per_type"]
     lines += [f"VQA accuracy per question type at {shots[-1]} shots (majority answer beside):", "",
