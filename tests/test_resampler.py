@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from xattn_vlm.models import PerceiverResampler
+from xattn_vlm.models import get_model_config
 from xattn_vlm.models.config import resampler_config
 from xattn_vlm.models.resampler import interpolate_frame_embeddings
 
@@ -65,6 +66,15 @@ def test_without_media_time_embeddings_slots_are_alike_and_unbounded():
   out = _forward(model, x)
   for slot in range(1, 5):
     np.testing.assert_allclose(out[:, slot], out[:, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["openflamingo_3b", "openflamingo_4b", "openflamingo_9b"])
+def test_openflamingo_presets_have_no_media_time_embeddings(preset):
+  """As OpenFlamingo's resampler (max_num_media None), whose checkpoints carry no such table."""
+  config = get_model_config(preset)
+  model = nnx.eval_shape(lambda: PerceiverResampler(config.resampler, config.vision.width,
+                                                    rngs=nnx.Rngs(0)))
+  assert model.media_time_embs is None
 
 
 def test_one_frame_video_equals_the_image_path(resampler):

@@ -139,10 +139,12 @@ def bench_small() -> ml_collections.ConfigDict:
 
 
 def _openflamingo(lm, every_n_layers: int) -> ml_collections.ConfigDict:
+  """OpenFlamingo's resampler has no media-time embeddings (its ``max_num_media`` is None), so
+  an image resamples the same in any slot and its checkpoints carry no such table."""
   return flamingo_config(
       lm=lm, vision=vision_config(**CLIP_VIT_L14),
       resampler=resampler_config(depth=6, num_latents=64, num_heads=8, head_dim=64, ff_mult=4,
-                                 activation="gelu"),
+                                 activation="gelu", max_num_media=None),
       xattn=xattn_config(every_n_layers=every_n_layers, num_heads=8, head_dim=64, ff_mult=4),
       dtype="bfloat16")
 
