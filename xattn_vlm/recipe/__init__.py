@@ -27,7 +27,7 @@ import ml_collections
 from flax import nnx
 
 from xattn_vlm.eval import runner
-from xattn_vlm.inference import InferenceModel, Processor
+from xattn_vlm.inference import Processor
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
@@ -50,11 +50,12 @@ def stage_config(config: ml_collections.ConfigDict, stage: str,
   return stage_cfg
 
 
-def inference_model(config: ml_collections.ConfigDict, params: nnx.State) -> InferenceModel:
-  """A Flamingo-stage train state's parameters as a model to evaluate."""
+def flamingo_model(config: ml_collections.ConfigDict, params: nnx.State) -> Flamingo:
+  """A Flamingo-stage train state's parameters as a model (built abstractly, nothing initialised)
+  to evaluate and diagnose."""
   abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
   graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-  return InferenceModel(nnx.merge(graphdef, params, rest))
+  return nnx.merge(graphdef, params, rest)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -73,21 +74,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   flamingo = stage_config(config, "flamingo", workdir)
   processor = Processor.from_model_config(flamingo.model, input_pipeline.tokenizer_for(flamingo))
   began = time.perf_counter()
-  results = runner.evaluate(inference_model(flamingo, state.params), processor, config.eval,
-                            workdir / "eval", model_name="shapes_tiny")
+  model = flamingo_model(flamingo, state.params)
+  results = runner.evaluate(model, processor, config.eval, workdir / "eval",
+                            model_name="shapes_tiny")
   seconds["eval"] = time.perf_counter() - began
 
   began = time.perf_counter()
   baseline_config = ml_collections.ConfigDict(config.eval.to_dict())
   baseline_config.tasks = config.baseline_tasks
   untrained = trainer.create_train_state(trainer.setup(flamingo))
-  baselines = runner.evaluate(inference_model(flamingo, untrained.params), processor,
+  baselines = runner.evaluate(flamingo_model(flamingo, untrained.params), processor,
                               baseline_config, workdir / "eval_untrained",
                               model_name="untrained")
   seconds["eval_untrained"] = time.perf_counter() - began
 
   began = time.perf_counter()
-  reliance = diagnostics.image_reliance(flamingo, state.params)
+  reliance = diagnostics.image_reliance(flamingo, model)
   seconds["image_reliance"] = time.perf_counter() - began
   logging.info("recipe: VQA answer NLL %.3f with own images, %.3f with swapped ones",
                reliance["own_nll"], reliance["swapped_nll"])

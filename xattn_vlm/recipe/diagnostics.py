@@ -18,6 +18,7 @@ from flax import nnx
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.train import input_pipeline
+from xattn_vlm.train.stages import next_token_loss_sum
 
 
 def answer_positions(labels: jax.Array, eoc_token_id: int) -> jax.Array:
@@ -30,22 +31,23 @@ def answer_positions(labels: jax.Array, eoc_token_id: int) -> jax.Array:
 
 
 def _answer_scores(model: Flamingo, batch, eoc_token_id: int):
-  """Summed answer NLL, answers predicted right (greedy, teacher-forced), number of answers."""
-  logits = model(batch["images"], batch["input_ids"], batch["attention_mask"])[:, :-1]
-  targets = batch["labels"][:, 1:]
-  is_answer = answer_positions(batch["labels"], eoc_token_id)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
-                             jnp.where(is_answer, targets, 0)[..., None], axis=-1)[..., 0]
-  right = jnp.argmax(logits, axis=-1) == targets
-  return (jnp.sum(jnp.where(is_answer, nll, 0.0)), jnp.sum(is_answer & right),
-          jnp.sum(is_answer))
+  """Summed answer NLL (the training loss over the answers alone), answers predicted right
+  (greedy, teacher-forced), number of answers."""
+  labels = batch["labels"]
+  is_answer = answer_positions(labels, eoc_token_id)
+  answers = jnp.where(is_answer, labels[:, 1:], IGNORE_INDEX)
+  logits = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+  nll = next_token_loss_sum(logits, jnp.concatenate([labels[:, :1], answers], axis=1))
+  right = is_answer & (jnp.argmax(logits[:, :-1], axis=-1) == answers)
+  return nll, jnp.sum(right), jnp.sum(is_answer)
 
 
-def image_reliance(config: ml_collections.ConfigDict, params: nnx.State, *,
+def image_reliance(config: ml_collections.ConfigDict, model: Flamingo, *,
                    num_batches: int = 4) -> dict[str, float]:
-  """Answer NLL (nats) and teacher-forced answer accuracy (%) on ``num_batches`` batches of
-  validation VQA questions, with their own images (``own_*``) and with another question's image
-  (``swapped_*``). ``config`` is the Flamingo stage's; its ``vqa`` dataset sets the batch."""
+  """Answer NLL (nats) and teacher-forced answer accuracy (%) of ``model`` on ``num_batches``
+  batches of validation VQA questions, with their own images (``own_*``) and with another
+  question's image (``swapped_*``). ``config`` is the Flamingo stage's; its ``vqa`` dataset sets
+  the batch."""
   if "vqa" not in config.data.datasets:
     raise ValueError("config.data.datasets: image_reliance reads the 'vqa' dataset, got "
                      f"{sorted(config.data.datasets)}")
@@ -56,9 +58,6 @@ def image_reliance(config: ml_collections.ConfigDict, params: nnx.State, *,
   cfg.data.datasets = ml_collections.ConfigDict({"vqa": vqa})
   cfg.data.feature_cache = ""
   tokenizer = input_pipeline.tokenizer_for(cfg)
-  abstract = nnx.eval_shape(lambda: Flamingo(cfg.model, rngs=nnx.Rngs(0)))
-  graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-  model = nnx.merge(graphdef, params, rest)
   scores = nnx.jit(_answer_scores, static_argnums=2)
   totals = {"own": np.zeros(3), "swapped": np.zeros(3)}
   iterator = input_pipeline.create_iterator(cfg)
