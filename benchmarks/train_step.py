@@ -52,9 +52,7 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
   config.data.max_images = 1
   config.data.datasets = dict(bench=configs.dataset("shapes", batch_size=8, kind="caption"))
   s = trainer.setup(config)
-  peak_operand = jax.device_put(jnp.ones((2048, 2048), jnp.float32), jax.devices()[0])
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(peak_operand).block_until_ready()
+  peak_probe = flops.matmul_peak_probe()
   lm, vision = config.model.lm, config.model.vision
   batch_size, length = 8, 128
   rng = np.random.default_rng(0)
@@ -83,15 +81,13 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
     times, peaks = [], []
     load_before = os.getloadavg()[0]
     for i in range(warmup + steps):
-      start = time.perf_counter()
-      matmul(peak_operand).block_until_ready()
-      matmul_s = time.perf_counter() - start
+      peak_flops = peak_probe()
       start = time.perf_counter()
       state, metrics = step(state, batches)
       jax.block_until_ready(metrics)
       if i >= warmup:
         times.append(time.perf_counter() - start)
-        peaks.append(2 * 2048**3 / matmul_s)
+        peaks.append(peak_flops)
     seconds, peak = float(np.median(times)), float(np.median(peaks))
     model_flops = flops.step_flops(config, jax.tree.map(lambda x: x.shape, batches))
     mfu = float(np.median([model_flops / t / p for t, p in zip(times, peaks)]))

@@ -10,7 +10,7 @@ part run under stop-gradient (the vision tower in the Flamingo stage).
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -90,15 +90,24 @@ def step_flops(config: ml_collections.ConfigDict, shapes: Shapes) -> float:
   return total
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a float32 [size, size] matmul on the first device (median of ``repeats``): the
-  peak MFU is quoted against when the config gives none (e.g. on CPU)."""
+def matmul_peak_probe(size: int = 2048) -> Callable[[], float]:
+  """A probe whose every call times one float32 [size, size] matmul on the first device and
+  returns its FLOP/s (compiled and warmed up once, here), so a benchmark can measure the peak next
+  to each step it times."""
   x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  def probe() -> float:
     start = time.perf_counter()
     matmul(x).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / float(np.median(times))
+    return 2 * size**3 / (time.perf_counter() - start)
+
+  return probe
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a float32 [size, size] matmul on the first device (median of ``repeats``): the
+  peak MFU is quoted against when the config gives none (e.g. on CPU)."""
+  probe = matmul_peak_probe(size)
+  return float(np.median([probe() for _ in range(repeats)]))
