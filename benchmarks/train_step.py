@@ -84,7 +84,7 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
       peak_flops = peak_probe()
       start = time.perf_counter()
       state, metrics = step(state, batches)
-      jax.block_until_ready(metrics)
+      jax.block_until_ready((state, metrics))
       if i >= warmup:
         times.append(time.perf_counter() - start)
         peaks.append(peak_flops)

@@ -259,3 +259,13 @@ def test_params_have_logical_axes_and_dtypes():
 
   hidden, logits = nnx.eval_shape(forward, lm, jnp.zeros((1, 3), jnp.int32))
   assert (hidden.dtype, logits.dtype) == (jnp.bfloat16, jnp.float32)
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("gelu", torch.nn.GELU()), ("gelu_new", torch.nn.GELU(approximate="tanh")),
+    ("gelu_pytorch_tanh", torch.nn.GELU(approximate="tanh")), ("silu", torch.nn.SiLU()),
+    ("relu", torch.nn.ReLU())])
+def test_activations_match_pytorch(name, reference):
+  x = np.linspace(-12.0, 12.0, 4001, dtype=np.float32)
+  ours = np.asarray(layers.activation(name)(jnp.asarray(x)))
+  np.testing.assert_allclose(ours, reference(torch.from_numpy(x)).numpy(), rtol=0, atol=2e-6)

@@ -142,6 +142,14 @@ class RMSNorm(nnx.Module):
     return (y.astype(self.dtype) * self.scale[...].astype(self.dtype)).astype(self.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt(2))) / 2`` (PyTorch's
+  ``nn.GELU()``, within 1e-6). ``jax.nn.gelu(approximate=False)`` uses ``erfc`` instead, which
+  XLA:CPU evaluates about 3x slower; the two differ by at most 1e-6 (float32 cancellation in
+  ``1 + erf`` for x below about -4)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
@@ -151,7 +159,7 @@ def squared_relu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
