@@ -1,6 +1,9 @@
 """The Flamingo stage on cached frozen vision features (``config.data.feature_cache``): a cache
 built for a config trains to the same losses as running the tower, and a cache that does not fit
-the config fails at start, naming the setting. Tiny config (experiments/tiny_test.py)."""
+the config (feature shape, images, or the tower that built it) fails at start, naming the
+setting. Tiny config (experiments/tiny_test.py)."""
+
+import os
 
 import numpy as np
 import pytest
@@ -40,6 +43,8 @@ def test_training_on_cached_features_equals_running_the_tower(vision_workdir, tm
   config = tiny(**SMALL, **{"init.vision_workdir": vision_workdir})
   cache = feature_cache.build_features(config, tmp_path / "cache", batch_size=16)
   assert cache.shape == (4, 24) and len(cache) > 32
+  assert cache.encoder == {"setting": "config.init.vision_workdir",
+                           "path": os.path.abspath(vision_workdir), "step": 1}
   trainer.train_and_evaluate(config, str(tmp_path / "pixels"))
 
   cached = tiny(**SMALL, **{"init.vision_workdir": vision_workdir,
@@ -56,12 +61,27 @@ def test_training_on_cached_features_equals_running_the_tower(vision_workdir, tm
     for key in row_want:
       np.testing.assert_allclose(row_got[key], row_want[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
+  # The tower trains on: the cache holds the old tower's features and no longer fits.
+  trainer.train_and_evaluate(tiny("vision_pretrain", total_steps=2), vision_workdir)
+  with pytest.raises(ValueError, match=r"config\.data\.feature_cache=.* was built by the vision "
+                                       r"tower .*'step': 1\}, but this config freezes .*'step': 2\}"):
+    input_pipeline.create_iterator(cached)
+
 
 def test_a_cache_that_does_not_fit_the_config_fails_at_start(tmp_path):
   wrong_shape = _cache_of(tmp_path / "wrong_shape", (3, 5))
   with pytest.raises(ValueError, match=r"config\.data\.feature_cache=.* holds features of shape "
                                        r"\(3, 5\) per image, .* outputs \(4, 24\)"):
     input_pipeline.create_iterator(tiny(**{"data.feature_cache": str(wrong_shape.directory)}))
+
+  other_tower = features.build_feature_cache(
+      tmp_path / "other_tower", [("elsewhere/0", np.zeros((16, 16, 3), np.float32))],
+      lambda pixels: np.zeros((len(pixels), 4, 24)), batch_size=1,
+      encoder={"setting": "config.init.vision_workdir", "path": "/runs/other", "step": 3})
+  with pytest.raises(ValueError, match=r"config\.data\.feature_cache=.* was built by the vision "
+                                       r"tower .*/runs/other.*, but this config freezes "
+                                       r"\{'setting': None\}; build it"):
+    input_pipeline.create_iterator(tiny(**{"data.feature_cache": str(other_tower.directory)}))
 
   other_data = str(_cache_of(tmp_path / "other_data", (4, 24)).directory)
   with pytest.raises(ValueError, match=r"config\.data\.feature_cache=.* has no features for image "

@@ -42,6 +42,9 @@ class FeatureCache:
                               f"{str(self.directory)!r} without one (build it first)")
     index = json.loads(index_file.read_text())
     self.shape = tuple(index["shape"])
+    # What built the features (``build_feature_cache``'s ``encoder``); None for caches written
+    # before the index recorded it.
+    self.encoder: dict[str, Any] | None = index.get("encoder")
     self._shards: list[str] = index["shards"]
     self._rows: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in index["rows"].items()}
     self._arrays: dict[int, np.ndarray] = {}
@@ -64,7 +67,8 @@ class FeatureCache:
 
 def build_feature_cache(directory: str | os.PathLike, images: Iterable[tuple[str, np.ndarray]],
                         encode: Callable[[np.ndarray], Any], *, batch_size: int = 32,
-                        shard_size: int = 1024, dtype: Any = np.float32) -> FeatureCache:
+                        shard_size: int = 1024, dtype: Any = np.float32,
+                        encoder: dict[str, Any] | None = None) -> FeatureCache:
   """Encodes each unique image once and writes the features under ``directory``.
 
   Args:
@@ -77,6 +81,8 @@ def build_feature_cache(directory: str | os.PathLike, images: Iterable[tuple[str
     batch_size: images per ``encode`` call.
     shard_size: images per ``.npy`` shard.
     dtype: storage dtype of the features.
+    encoder: a JSON-able description of the tower (which weights), kept in the index as
+      ``FeatureCache.encoder`` so a reader can check the cache against the tower it expects.
   """
   directory = pathlib.Path(directory)
   if (directory / _INDEX).exists():
@@ -108,7 +114,8 @@ def build_feature_cache(directory: str | os.PathLike, images: Iterable[tuple[str
     flush()
   if shape is None:
     raise ValueError("images: expected at least one image to encode, got none")
-  (directory / _INDEX).write_text(json.dumps({"shape": shape, "shards": shards, "rows": rows}))
+  (directory / _INDEX).write_text(json.dumps({"shape": shape, "shards": shards, "rows": rows,
+                                              "encoder": encoder}))
   return FeatureCache(directory)
 
 

@@ -219,6 +219,15 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
   raise ValueError(f"{setting}={workdir!r}: no checkpoint could be restored: {errors}")
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step in ``workdir`` (None when it holds none)."""
+  manager = ocp.CheckpointManager(run_path(workdir) / CHECKPOINTS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
 def load_flamingo(workdir: str, setting: str = "--checkpoint") -> Flamingo:
   """The model of a flamingo-stage training run, for inference or evaluation: its config and
   parameters from the latest readable checkpoint in ``workdir``, on the first local device.

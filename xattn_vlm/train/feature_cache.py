@@ -48,7 +48,8 @@ def build_features(config: ml_collections.ConfigDict, output: str | os.PathLike,
       for c in input_pipeline.components(config, input_pipeline.tokenizer_for(config)).values()
       if isinstance(c.transform, pipeline.ExampleTransform))
   cache = features.build_feature_cache(output, images, lambda pixels: encode(params, pixels),
-                                       batch_size=batch_size)
+                                       batch_size=batch_size,
+                                       encoder=input_pipeline.frozen_vision_tower(config))
   logging.info("cached the features %s of %d images in %s; skipped %s", cache.shape, len(cache),
                cache.directory, dict(skipped) or "none")
   return cache

@@ -20,10 +20,12 @@ tower's features from that cache (``data.features``) instead of pixels, so the t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from xattn_vlm.data import features
 from xattn_vlm.data import pipeline
@@ -31,6 +33,7 @@ from xattn_vlm.data import shapes_world
 from xattn_vlm.data import sources
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
+from xattn_vlm.train import checkpoint
 from xattn_vlm.train import stages
 
 SOURCES = ("shapes", "shapes_text", "image_text_folder", "webdataset", "mmc4")
@@ -144,9 +147,28 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 _REBUILD = "build it for this config with `python -m xattn_vlm.train.build_features`"
 
 
+def frozen_vision_tower(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Which weights the Flamingo stage of ``config`` freezes as its vision tower, as a feature
+  cache records it: the config field and absolute path, plus the newest checkpoint step of a
+  workdir or the weight files (name and size) of a Hugging Face folder. A tower retrained in the
+  same workdir, or a folder whose weights were replaced, thus no longer matches."""
+  towers = [t for t in stages.FLAMINGO.pretrained(config) if t.target == "vision"]
+  if not towers:
+    return {"setting": None}
+  tower = towers[0]
+  identity = {"setting": tower.setting, "path": str(checkpoint.run_path(tower.path))}
+  if tower.hf_loader is None:
+    identity["step"] = checkpoint.latest_step(tower.path)
+  else:
+    identity["weights"] = {name: os.path.getsize(os.path.join(tower.path, name))
+                           for name in sorted(os.listdir(tower.path))
+                           if name.endswith((".safetensors", ".bin"))}
+  return identity
+
+
 def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCache | None:
-  """``config.data.feature_cache`` opened and checked against the model's vision tower (None when
-  unset)."""
+  """``config.data.feature_cache`` opened and checked against the model's vision tower: its
+  feature shape, and the tower that built it (``frozen_vision_tower``; None when unset)."""
   path = config.data.feature_cache
   if not path:
     return None
@@ -161,6 +183,13 @@ def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCac
   if cache.shape != expected:
     raise ValueError(f"config.data.feature_cache={path!r} holds features of shape {cache.shape} "
                      f"per image, but config.model.vision's tower outputs {expected}; {_REBUILD}")
+  tower = frozen_vision_tower(config)
+  if cache.encoder is None:
+    logging.warning("config.data.feature_cache=%r does not record which vision tower built it "
+                    "(an older cache), so it cannot be checked against %s", path, tower)
+  elif cache.encoder != tower:
+    raise ValueError(f"config.data.feature_cache={path!r} was built by the vision tower "
+                     f"{cache.encoder}, but this config freezes {tower}; {_REBUILD}")
   return cache
 
 
