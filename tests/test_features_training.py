@@ -93,3 +93,14 @@ def test_a_cache_that_does_not_fit_the_config_fails_at_start(tmp_path):
     input_pipeline.create_iterator(tiny(**{"data.feature_cache": str(tmp_path)}))
   with pytest.raises(ValueError, match=r"config\.init: expected vision_workdir or vision_hf_path"):
     feature_cache.build_features(tiny(), tmp_path / "no_tower")
+
+
+def test_the_tower_of_a_hugging_face_folder_is_named_by_its_weight_files(tmp_path):
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "model.safetensors").write_bytes(b"0123456789")
+  tower = input_pipeline.frozen_vision_tower(tiny(**{"init.vision_hf_path": str(tmp_path)}))
+  assert tower == {"setting": "config.init.vision_hf_path", "path": str(tmp_path),
+                   "weights": {"model.safetensors": 10}}
+  (tmp_path / "model.safetensors").write_bytes(b"0123456789abc")
+  assert input_pipeline.frozen_vision_tower(
+      tiny(**{"init.vision_hf_path": str(tmp_path)}))["weights"] == {"model.safetensors": 13}
