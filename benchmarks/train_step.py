@@ -3,12 +3,19 @@
 Batch 8 x 128 tokens with one 64x64 image per sample, AdamW, float32. For 1 device and for 8
 forced host devices (mesh data=-1), with the vision tower running and with cached vision
 features, it prints the median step time after warm-up, tokens/s, the analytic model TFLOP/s
-(``train.flops``) and MFU against a float32 2048^3 matmul peak measured in the same process: one
-matmul right before each timed step, so that a machine whose load changes during the run (this
-one is shared) moves the step and the peak together. MFU is the median over steps of each step's
-FLOP/s over the peak measured next to it: a job that starts or stops during the run then shifts
-some pairs, not the ratio of two medians taken over different conditions. The load average
-before and after each measurement is printed with it.
+(``train.flops``) and MFU against two float32 2048^3 matmul peaks measured in the same process:
+
+  per-step: one matmul right before each timed step, so that a machine whose load changes during
+    the run (this one is shared) moves the step and the peak together. This MFU is the median over
+    steps of each step's FLOP/s over the peak measured next to it: a job that starts or stops
+    during the run then shifts some pairs, not the ratio of two medians taken over different
+    conditions. A matmul that follows a step runs slower than one that follows another matmul
+    (about 0.14 against 0.16 TFLOP/s here), so this peak is low and its MFU flattering.
+  back-to-back: the median of 10 matmuls in a row, once before the timed steps and once after;
+    the larger of the two medians is the peak, and the MFU is the median step's FLOP/s over it.
+    This is the stricter figure, the one targets are judged against.
+
+The load average before and after each measurement is printed with it.
 
 On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over devices and MFU is
 that total over the one-device matmul peak (which already uses every core).
@@ -33,6 +40,7 @@ from absl import flags
 _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+_PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is taken)
 
 
 def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
@@ -78,22 +86,27 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
     state, metrics = step(state, batches)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    times, peaks = [], []
+    for _ in range(warmup):
+      state, metrics = step(state, batches)
+      jax.block_until_ready((state, metrics))
     load_before = os.getloadavg()[0]
-    for i in range(warmup + steps):
-      peak_flops = peak_probe()
+    back_to_back = [float(np.median([peak_probe() for _ in range(_PEAK_REPEATS)]))]
+    times, peaks = [], []
+    for _ in range(steps):
+      peaks.append(peak_probe())
       start = time.perf_counter()
       state, metrics = step(state, batches)
       jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - start)
-        peaks.append(peak_flops)
-    seconds, peak = float(np.median(times)), float(np.median(peaks))
+      times.append(time.perf_counter() - start)
+    back_to_back.append(float(np.median([peak_probe() for _ in range(_PEAK_REPEATS)])))
+    seconds, peak, idle_peak = float(np.median(times)), float(np.median(peaks)), max(back_to_back)
     model_flops = flops.step_flops(config, jax.tree.map(lambda x: x.shape, batches))
     mfu = float(np.median([model_flops / t / p for t, p in zip(times, peaks)]))
     rows.append(dict(devices=devices, media=name, step_s=seconds, compile_s=compile_s,
                      tokens_per_s=batch_size * length / seconds,
                      tflops=model_flops / seconds / 1e12, mfu=mfu, peak_tflops=peak / 1e12,
+                     mfu_back_to_back=model_flops / seconds / idle_peak,
+                     peak_back_to_back_tflops=[p / 1e12 for p in back_to_back],
                      loss=float(jnp.asarray(metrics["loss"])),
                      load=(load_before, os.getloadavg()[0]), step_times=times, peaks=peaks))
   return rows
@@ -116,13 +129,16 @@ def main(argv) -> None:
     rows += json.loads(out.strip().splitlines()[-1])
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up")
-  print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU | "
-        "f32 matmul peak TFLOP/s | load average |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
+        "MFU back-to-back | peak per-step TFLOP/s | peak back-to-back TFLOP/s (before, after) | "
+        "load average |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
+    before, after = r["peak_back_to_back_tflops"]
     print(f"| {r['devices']} | {r['media']} | {r['step_s']:.3f} | {r['compile_s']:.1f} | "
           f"{r['tokens_per_s']:,.0f} | {r['tflops']:.4f} | {r['mfu']:.1%} | "
-          f"{r['peak_tflops']:.3f} | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")
+          f"{r['mfu_back_to_back']:.1%} | {r['peak_tflops']:.3f} | {before:.3f}, {after:.3f} | "
+          f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")
 
 
 if __name__ == "__main__":
