@@ -245,6 +245,19 @@ def test_before_block_hook_and_remat():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_materialize_gradient_is_the_identity_and_keeps_non_finite_gradients():
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+  def loss(x, scale, barrier):
+    y = layers.materialize_gradient(x) if barrier else x
+    return jnp.sum(jnp.sin(y) * scale)
+
+  for scale in (2.0, jnp.nan, jnp.inf):
+    plain, through = (jax.jit(jax.grad(loss), static_argnums=2)(x, scale, b) for b in (0, 1))
+    np.testing.assert_array_equal(plain, through)
+  np.testing.assert_array_equal(layers.materialize_gradient(x), x)
+
+
 def test_params_have_logical_axes_and_dtypes():
   lm = nnx.eval_shape(lambda: _tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
   for path, p in nnx.to_flat_state(nnx.state(lm, nnx.Param)):

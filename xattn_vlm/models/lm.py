@@ -201,9 +201,9 @@ class DecoderLM(nnx.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       if before_block is not None:
-        h = before_block(i, h)
+        h = before_block(i, layers.materialize_gradient(h))
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      h, kv = run_block(block, h, positions, mask, kv, index)
+      h, kv = run_block(block, layers.materialize_gradient(h), positions, mask, kv, index)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

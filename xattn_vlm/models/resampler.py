@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from xattn_vlm.models.layers import MLP, Dense, LayerNorm, dot_product_attention, param
+from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, dot_product_attention,
+                                     materialize_gradient, param)
 
 NORM_EPS = 1e-5  # torch's LayerNorm default, which the reference implementations use
 
@@ -170,5 +171,5 @@ class PerceiverResampler(nnx.Module):
     latents = jnp.broadcast_to(self.latents[...].astype(self.dtype),
                                (b * t,) + self.latents.shape)
     for layer in self.layers:
-      latents = layer(media, latents, media_mask)
+      latents = layer(media, materialize_gradient(latents), media_mask)
     return self.norm(latents).reshape(b, t, -1, self.width)
