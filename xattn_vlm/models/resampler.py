@@ -54,16 +54,22 @@ class PerceiverAttention(nnx.Module):
 
   def __call__(self, media: jax.Array, latents: jax.Array,
                media_mask: jax.Array | None) -> jax.Array:
-    """media: [M, S, D]; latents: [M, n, D]; media_mask: bool [M, S] or None. Returns [M, n, D]."""
+    """media: [M, S, D]; latents: [M, n, D], or [n, D] when every medium has the same latents (the
+    learned ones, at the first layer: their norm and projections then run once instead of M
+    times); media_mask: bool [M, S] or None. Returns [M, n, D]."""
+    m = media.shape[0]
+    per_medium = lambda x: jnp.broadcast_to(x, (m,) + x.shape[-3:])  # [(M,) n, H, Dh] -> [M, ...]
     media = self.norm_media(media)
     latents = self.norm_latents(latents)
-    kv_input = jnp.concatenate([media, latents], axis=1)  # [M, S + n, D]
+    # Keys and values over concat(media, latents), each part projected on its own.
+    keys = jnp.concatenate([self.to_k(media), per_medium(self.to_k(latents))], axis=1)
+    values = jnp.concatenate([self.to_v(media), per_medium(self.to_v(latents))], axis=1)
     mask = None
     if media_mask is not None:
       # The latents are always valid keys, so no query row is ever fully masked.
-      latent_keys = jnp.ones(latents.shape[:2], bool)
+      latent_keys = jnp.ones((m, latents.shape[-2]), bool)
       mask = jnp.concatenate([media_mask, latent_keys], axis=1)[:, None, :]  # [M, 1, S + n]
-    out = dot_product_attention(self.to_q(latents), self.to_k(kv_input), self.to_v(kv_input), mask)
+    out = dot_product_attention(per_medium(self.to_q(latents)), keys, values, mask)
     return self.to_out(out)
 
 
@@ -168,8 +174,7 @@ class PerceiverResampler(nnx.Module):
       x = x + self.media_time_embs[:t].astype(self.dtype)[:, None, :]  # [T, 1, D]
 
     media = x.reshape(b * t, f * p, self.width)  # media resampled independently
-    latents = jnp.broadcast_to(self.latents[...].astype(self.dtype),
-                               (b * t,) + self.latents.shape)
+    latents = self.latents[...].astype(self.dtype)  # [n, D], the same for every medium
     for layer in self.layers:
-      latents = layer(media, materialize_gradient(latents), media_mask)
+      latents = layer(media, materialize_gradient(latents), media_mask)  # [B*T, n, D]
     return self.norm(latents).reshape(b, t, -1, self.width)
