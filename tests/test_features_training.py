@@ -98,9 +98,11 @@ def test_a_cache_that_does_not_fit_the_config_fails_at_start(tmp_path):
 def test_the_tower_of_a_hugging_face_folder_is_named_by_its_weight_files(tmp_path):
   (tmp_path / "config.json").write_text("{}")
   (tmp_path / "model.safetensors").write_bytes(b"0123456789")
-  tower = input_pipeline.frozen_vision_tower(tiny(**{"init.vision_hf_path": str(tmp_path)}))
+  tower = input_pipeline.vision_tower_identity(tiny(**{"init.vision_hf_path": str(tmp_path)}))
   assert tower == {"setting": "config.init.vision_hf_path", "path": str(tmp_path),
                    "weights": {"model.safetensors": 10}}
   (tmp_path / "model.safetensors").write_bytes(b"0123456789abc")
-  assert input_pipeline.frozen_vision_tower(
+  assert input_pipeline.vision_tower_identity(
       tiny(**{"init.vision_hf_path": str(tmp_path)}))["weights"] == {"model.safetensors": 13}
+  with pytest.raises(FileNotFoundError, match=r"config\.init\.vision_hf_path: expected an existing"):
+    input_pipeline.vision_tower_identity(tiny(**{"init.vision_hf_path": str(tmp_path / "gone")}))

@@ -33,12 +33,12 @@ def build_features(config: ml_collections.ConfigDict, output: str | os.PathLike,
   if config.stage != "flamingo":
     raise ValueError(f"config.stage: cached features are for the flamingo stage (frozen vision "
                      f"tower), got {config.stage!r}")
-  towers = [t for t in stages.FLAMINGO.pretrained(config) if t.target == "vision"]
-  if not towers:
+  tower = stages.frozen_vision_tower(config)
+  if tower is None:
     raise ValueError("config.init: expected vision_workdir or vision_hf_path (the pretrained "
                      "tower training freezes, whose features to cache), got neither")
   s = trainer.setup(config)
-  params = trainer.load_pretrained(s, towers[0])
+  params = trainer.load_pretrained(s, tower)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: stages.build_tower(config, "vision")), nnx.Param)
   encode = jax.jit(lambda params, pixels: nnx.merge(graphdef, params)(pixels))
 
@@ -49,7 +49,7 @@ def build_features(config: ml_collections.ConfigDict, output: str | os.PathLike,
       if isinstance(c.transform, pipeline.ExampleTransform))
   cache = features.build_feature_cache(output, images, lambda pixels: encode(params, pixels),
                                        batch_size=batch_size,
-                                       encoder=input_pipeline.frozen_vision_tower(config))
+                                       encoder=input_pipeline.vision_tower_identity(config))
   logging.info("cached the features %s of %d images in %s; skipped %s", cache.shape, len(cache),
                cache.directory, dict(skipped) or "none")
   return cache

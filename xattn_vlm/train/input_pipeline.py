@@ -20,7 +20,6 @@ tower's features from that cache (``data.features``) instead of pixels, so the t
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
@@ -147,28 +146,27 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 _REBUILD = "build it for this config with `python -m xattn_vlm.train.build_features`"
 
 
-def frozen_vision_tower(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def vision_tower_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Which weights the Flamingo stage of ``config`` freezes as its vision tower, as a feature
   cache records it: the config field and absolute path, plus the newest checkpoint step of a
   workdir or the weight files (name and size) of a Hugging Face folder. A tower retrained in the
   same workdir, or a folder whose weights were replaced, thus no longer matches."""
-  towers = [t for t in stages.FLAMINGO.pretrained(config) if t.target == "vision"]
-  if not towers:
+  tower = stages.frozen_vision_tower(config)
+  if tower is None:
     return {"setting": None}
-  tower = towers[0]
   identity = {"setting": tower.setting, "path": str(checkpoint.run_path(tower.path))}
   if tower.hf_loader is None:
     identity["step"] = checkpoint.latest_step(tower.path)
   else:
-    identity["weights"] = {name: os.path.getsize(os.path.join(tower.path, name))
-                           for name in sorted(os.listdir(tower.path))
-                           if name.endswith((".safetensors", ".bin"))}
+    folder = sources.require_path(tower.path, tower.setting)
+    identity["weights"] = {f.name: f.stat().st_size for f in sorted(folder.iterdir())
+                           if f.name.endswith((".safetensors", ".bin"))}
   return identity
 
 
 def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCache | None:
   """``config.data.feature_cache`` opened and checked against the model's vision tower: its
-  feature shape, and the tower that built it (``frozen_vision_tower``; None when unset)."""
+  feature shape, and the tower that built it (``vision_tower_identity``; None when unset)."""
   path = config.data.feature_cache
   if not path:
     return None
@@ -183,7 +181,7 @@ def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCac
   if cache.shape != expected:
     raise ValueError(f"config.data.feature_cache={path!r} holds features of shape {cache.shape} "
                      f"per image, but config.model.vision's tower outputs {expected}; {_REBUILD}")
-  tower = frozen_vision_tower(config)
+  tower = vision_tower_identity(config)
   if cache.encoder is None:
     logging.warning("config.data.feature_cache=%r does not record which vision tower built it "
                     "(an older cache), so it cannot be checked against %s", path, tower)

@@ -243,6 +243,12 @@ FLAMINGO = Stage(
 _STAGES = {stage.name: stage for stage in (LM_PRETRAIN, VISION_PRETRAIN, FLAMINGO)}
 
 
+def frozen_vision_tower(config: ml_collections.ConfigDict) -> Pretrained | None:
+  """The pretrained vision tower the Flamingo stage of ``config`` loads and freezes
+  (``config.init.vision_workdir`` or ``vision_hf_path``), or None when it sets neither."""
+  return next((t for t in FLAMINGO.pretrained(config) if t.target == "vision"), None)
+
+
 def get_stage(name: str) -> Stage:
   if name not in _STAGES:
     raise ValueError(f"config.stage: expected one of {STAGES}, got {name!r}")
