@@ -18,7 +18,9 @@ One stage alone (the recipe runs these into <workdir>/<stage>):
 3. ``flamingo``: both towers are loaded from the runs above (``config.init.*_workdir``) and
    frozen; the resampler, gated cross-attention blocks and ``<image>``/``<|endofchunk|>`` rows
    train on interleaved documents (weight 1.0), VQA pairs (1.0), fast-binding episodes with
-   fresh made-up names (0.5) and captions (0.2).
+   fresh made-up names (0.5) and captions (0.2). The VQA pairs supervise their answer alone
+   (``supervise="answer"``), 128 short pairs a step: under the loss on every token, and at 32
+   pairs a step, the answers stayed at the per-type prior.
 4. (recipe) 0/4/8-shot evaluation of shapes-world captioning, VQA and in-context binding with
    the Flamingo protocol, and a report (``xattn_vlm.recipe``).
 
@@ -83,7 +85,8 @@ def stage_config(stage: str, steps: int) -> ml_collections.ConfigDict:
                                     min_images=2, max_images=5, max_tokens=192, media_slots=5,
                                     **shapes),
           captions=configs.dataset("shapes", batch_size=8, weight=0.2, kind="caption", **pairs),
-          vqa=configs.dataset("shapes", batch_size=32, weight=1.0, kind="vqa", **pairs),
+          vqa=configs.dataset("shapes", batch_size=128, weight=1.0, kind="vqa", max_tokens=24,
+                              media_slots=1, supervise="answer", **shapes),
           binding=configs.dataset("shapes", batch_size=8, weight=0.5, kind="binding",
                                   num_shots=BINDING_SHOTS, max_tokens=80,
                                   media_slots=BINDING_SHOTS + 1, **shapes)),

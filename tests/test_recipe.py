@@ -65,14 +65,17 @@ def test_recipe_presets():
 
 
 def test_recipe_batches_have_each_datasets_own_shapes():
-  """Short pairs are not padded to the documents' length and image slots; LM records pack
-  several texts so the whole context is trained."""
+  """Short pairs are not padded to the documents' length and image slots; VQA pairs supervise
+  their answers; LM records pack several texts so the whole context is trained."""
   flamingo = shapes_tiny("flamingo")
   iterator = input_pipeline.create_iterator(flamingo)
   batches = next(iterator)
   iterator.close()
-  assert batches["vqa"]["input_ids"].shape == (32, 64)
+  assert batches["vqa"]["input_ids"].shape == (128, 24)
   assert batches["vqa"]["images"].shape[1] == 1
+  # Every question fits, and only its answer and <|endofchunk|> are supervised.
+  assert (batches["vqa"]["attention_mask"][:, -1] == 0).all()
+  np.testing.assert_array_equal((batches["vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
   assert batches["documents"]["input_ids"].shape == (8, 192)
   assert batches["documents"]["images"].shape[1] == 5
 

@@ -174,6 +174,51 @@ def test_video_frames_and_input_errors(tok):
     sequence.build_example(["a"], tok, max_tokens=0, max_images=1, image_shape=SHAPE)
 
 
+def test_answer_supervision_keeps_the_last_chunk_and_its_endofchunk(tok):
+  """supervise="answer": only the last text chunk's tokens and the <eoc> after them; the inputs
+  are those of supervise="all", which supervises the question too."""
+  chunks = ["p", image(1), "a b", image(2), "c d ", "e"]
+  answer = sequence.build_example(chunks, tok, max_tokens=12, max_images=2, image_shape=SHAPE,
+                                  supervise="answer")
+  every = sequence.build_example(chunks, tok, max_tokens=12, max_images=2, image_shape=SHAPE)
+  ids = ids_of(tok, "p", "<image>", "a", "b", "<eoc>", "<image>", "c", "d", "e", "<eoc>",
+               "<eos>") + [tok.pad_token_id]
+  np.testing.assert_array_equal(answer["input_ids"], ids)
+  np.testing.assert_array_equal(every["input_ids"], ids)
+  #          p  <img>  a  b  <eoc> <img>  c  d  e  <eoc> <eos> pad
+  expected = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0]
+  np.testing.assert_array_equal(answer["labels"],
+                                np.where(expected, ids, IGNORE_INDEX))
+  assert (every["labels"] != IGNORE_INDEX).sum() == 7
+
+
+def test_answer_supervision_through_the_shapes_bpe(tmp_path):
+  """A shapes-world VQA record: the supervised tokens decode to the answer and <|endofchunk|>."""
+  tok = default_tokenizer(cache_dir=tmp_path)
+  item = shapes_world.vqa_example("train", 0, 5, image_size=16)
+  chunks = [image(1, (16, 16, 3)), f"Question:{item['question']} Short answer:", item["answer"]]
+  ex = sequence.build_example(chunks, tok, max_tokens=64, max_images=1,
+                              image_shape=(1, 16, 16, 3), supervise="answer")
+  assert tok.decode(ex["labels"][ex["labels"] != IGNORE_INDEX]) == (
+      item["answer"] + "<|endofchunk|>")
+
+
+def test_answer_supervision_errors_and_truncation(tok):
+  with pytest.raises(ValueError, match="supervise must be one of"):
+    sequence.build_example([image(1), "a"], tok, max_tokens=6, max_images=1, image_shape=SHAPE,
+                           supervise="answers")
+  with pytest.raises(ValueError, match="end with a text chunk after an image"):
+    sequence.build_example([image(1), "a", image(2)], tok, max_tokens=6, max_images=2,
+                           image_shape=SHAPE, supervise="answer")
+  with pytest.raises(ValueError, match="end with a text chunk after an image"):
+    sequence.build_example(["a"], tok, max_tokens=6, max_images=1, image_shape=SHAPE,
+                           supervise="answer")
+  # The answer's image dropped by max_images: no answer, nothing supervised.
+  ex = sequence.build_example([image(1), "a", image(2), "b"], tok, max_tokens=8, max_images=1,
+                              image_shape=SHAPE, supervise="answer")
+  assert ex["num_images"] == 1 and (ex["labels"] == IGNORE_INDEX).all()
+
+
 def test_text_only_example_supervises_every_real_token(tok):
   ex = sequence.build_text_example("a b c", tok, max_tokens=6)
   ids = ids_of(tok, "a", "b", "c", "<eos>")

@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 
 from xattn_vlm.data import images
+from xattn_vlm.data import shapes_world
 from xattn_vlm.data import sources
 
 
@@ -253,7 +254,10 @@ def test_shapes_world_source_is_deterministic():
   np.testing.assert_array_equal(refs[0].array, [c for c in b["chunks"]
                                                 if isinstance(c, sources.ImageRef)][0].array)
   vqa = sources.ShapesWorld("vqa", num_records=1, image_size=16)[0]["chunks"]
-  assert vqa[1].startswith("Question:") and " Short answer:" in vqa[1]
+  item = shapes_world.vqa_example("train", 0, 0, image_size=16)
+  assert vqa[1:] == [f"Question:{item['question']} Short answer:", item["answer"]]
+  assert "".join(vqa[1:]) == shapes_world.QA_FORMAT.format(question=item["question"],
+                                                            answer=item["answer"])
 
 
 @pytest.mark.parametrize("make, argument", [

@@ -234,12 +234,21 @@ def test_nan_batch_is_skipped(tmp_path, monkeypatch):
     ({"mesh.data": 3}, r"config\.mesh: .* must divide the 8 devices"),
     ({"microbatches": 2}, r"batch_size=8 is not divisible by data-parallel size x microbatches"),
     ({"stage": "pretrain"}, r"config\.stage: expected one of"),
+    ({"data.datasets.docs.supervise": "answers"},
+     r"config\.data\.datasets\.docs\.supervise: expected one of \('all', 'answer'\)"),
 ])
 def test_bad_config_fails_at_start(tmp_path, overrides, message):
   config = tiny(**overrides)
   with pytest.raises(ValueError, match=message):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_text_datasets_refuse_answer_supervision():
+  config = tiny("lm_pretrain", **{"data.datasets.text.supervise": "answer"})
+  with pytest.raises(ValueError, match=r"config\.data\.datasets\.text\.supervise='answer': "
+                                       r"text-only datasets supervise every token"):
+    input_pipeline.components(config, input_pipeline.tokenizer_for(config))
 
 
 def test_contrastive_stage_refuses_microbatches():

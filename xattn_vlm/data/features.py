@@ -173,11 +173,13 @@ class CachedFeaturesTransform:
   instead of ``images``; the tokens, labels and masks are ``build_example``'s, as without the
   cache. An image missing from the cache raises ``BadRecordError`` (skipped, counted)."""
 
-  def __init__(self, tokenizer, cache: FeatureCache, *, max_tokens: int, max_images: int):
+  def __init__(self, tokenizer, cache: FeatureCache, *, max_tokens: int, max_images: int,
+               supervise: str = "all"):
     self.tokenizer = tokenizer
     self.cache = cache
     self.max_tokens = max_tokens
     self.max_images = max_images
+    self.supervise = supervise
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     chunks: list[Any] = []
@@ -195,7 +197,8 @@ class CachedFeaturesTransform:
       chunks.append(np.zeros((1, 1, 1, 1), np.float32))
     pipeline.require_text(chunks, record.get("id"))
     example = sequence.build_example(chunks, self.tokenizer, max_tokens=self.max_tokens,
-                                     max_images=self.max_images, image_shape=(1, 1, 1, 1))
+                                     max_images=self.max_images, image_shape=(1, 1, 1, 1),
+                                     supervise=self.supervise)
     del example["images"]
     stacked = np.zeros((self.max_images, 1, *self.cache.shape), np.float32)
     count = int(example["num_images"])

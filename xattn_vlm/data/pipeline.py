@@ -96,15 +96,18 @@ class ExampleTransform:
 
   Decodes each ``ImageRef``, preprocesses it to ``[image_size, image_size, 3]`` (``mode`` "pad"
   keeps the aspect ratio as Flamingo, "crop" centre-crops), and calls ``sequence.build_example``
-  (token ids, labels, attention mask, ``images`` [max_images, 1, S, S, 3], ``media_mask``).
-  A record failing ``require_text`` raises ``BadRecordError`` so the pipeline skips it.
+  (token ids, labels, attention mask, ``images`` [max_images, 1, S, S, 3], ``media_mask``) with
+  its ``supervise`` rule. A record failing ``require_text`` raises ``BadRecordError`` so the
+  pipeline skips it.
   """
 
   def __init__(self, tokenizer, *, max_tokens: int, max_images: int, image_size: int,
-               mean: Sequence[float], std: Sequence[float], mode: str = "pad"):
+               mean: Sequence[float], std: Sequence[float], mode: str = "pad",
+               supervise: str = "all"):
     self.tokenizer = tokenizer
     self.max_tokens = max_tokens
     self.max_images = max_images
+    self.supervise = supervise
     self.image_size = image_size
     self.mean, self.std, self.mode = tuple(mean), tuple(std), mode
 
@@ -126,7 +129,8 @@ class ExampleTransform:
     require_text(chunks, record.get("id"))
     return sequence.build_example(chunks, self.tokenizer, max_tokens=self.max_tokens,
                                   max_images=self.max_images,
-                                  image_shape=(1, self.image_size, self.image_size, 3))
+                                  image_shape=(1, self.image_size, self.image_size, 3),
+                                  supervise=self.supervise)
 
 
 class _ReadAndTransform:

@@ -12,6 +12,11 @@ Which tokens are supervised is decided in one place, ``supervised_mask``:
   * so the final EOS, which follows the last ``<|endofchunk|>``, is ignored. The model never needs
     it: generation stops at ``<|endofchunk|>``, and what follows a chunk (more text, another image
     or the end) is the document's business, not the image's. OpenFlamingo trains the same way.
+``build_example(..., supervise="answer")`` narrows this to the answer of a question-answer record:
+the tokens its last text chunk adds and the closing ``<|endofchunk|>`` (a VQA record is ``[image,
+"Question:... Short answer:", "red"]``). Under the LM loss on every token, the one answer token
+that needs the image is a small share of the loss, among question tokens the frozen LM predicts
+from the text alone.
 A document may have no supervised token (no image, or cut right after ``<image>``); the loss must
 then use a safe denominator, ``max(count, 1)``, so it contributes zero and not NaN.
 
@@ -30,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 IGNORE_INDEX = -100
+SUPERVISE = ("all", "answer")  # build_example's label rules: every chunk's text, or the answer
 
 
 def supervised_mask(input_ids, media_token_id: int, eoc_token_id: int,
@@ -88,6 +94,13 @@ def _encode_text(tokenizer, texts: list[str], where: str) -> list[int]:
   return ids
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
 def _pad(ids: list[int], length: int, fill: int) -> np.ndarray:
   out = np.full(length, fill, np.int32)
   out[:len(ids)] = ids
@@ -95,7 +108,8 @@ def _pad(ids: list[int], length: int, fill: int) -> np.ndarray:
 
 
 def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: int,
-                  image_shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
+                  image_shape: tuple[int, int, int, int],
+                  supervise: str = "all") -> dict[str, np.ndarray]:
   """Tokens, labels and images of one interleaved document, padded to fixed sizes.
 
   ``chunks`` is the document in order: ``str`` text and preprocessed float images ([F, H, W, C],
@@ -103,9 +117,13 @@ def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: i
   ``labels`` (the id where supervised, ``IGNORE_INDEX`` elsewhere; the loss shifts), int32
   [max_tokens]; ``images`` float32 [max_images, F, H, W, C], zero past the last image;
   ``media_mask`` bool [max_images]; ``num_images`` int32 []. Layout, label rule and truncation
-  policy: see the module docstring.
+  policy: see the module docstring. ``supervise`` ``"answer"`` keeps the labels of the last text
+  chunk (which must follow an image) and its ``<|endofchunk|>`` only: the tokens the encoding of
+  its image's text gains by it, so a merge across the boundary is never half supervised.
   """
   _check_limits(max_tokens, max_images)
+  if supervise not in SUPERVISE:
+    raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
   if len(image_shape) != 4 or min(image_shape) < 1:
     raise ValueError(f"image_shape must be (F, H, W, C) of positive sizes, got {image_shape}")
   prefix: list[str] = []
@@ -116,11 +134,18 @@ def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: i
     else:
       media.append((_frames(chunk, image_shape, index), []))
 
+  if supervise == "answer" and not (media and chunks and isinstance(chunks[-1], str)):
+    raise ValueError('supervise="answer" needs the record to end with a text chunk after an '
+                     "image (the answer)")
   ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
   ids += _encode_text(tokenizer, prefix, "before the first image")
+  answer_start = max_tokens  # supervise="answer": labels from here on (none when it stays)
   for k, (_, texts) in enumerate(media[:max_images]):
-    ids += [tokenizer.media_token_id, *_encode_text(tokenizer, texts, f"after image {k}"),
-            tokenizer.eoc_token_id]
+    text_ids = _encode_text(tokenizer, texts, f"after image {k}")
+    if supervise == "answer" and k == len(media) - 1:
+      answer_start = len(ids) + 1 + _common_prefix(
+          text_ids, _encode_text(tokenizer, texts[:-1], f"after image {k}"))
+    ids += [tokenizer.media_token_id, *text_ids, tokenizer.eoc_token_id]
   ids = (ids + [tokenizer.eos_token_id])[:max_tokens]
   num_images = ids.count(tokenizer.media_token_id)
 
@@ -128,6 +153,8 @@ def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: i
   input_ids = _pad(ids, max_tokens, tokenizer.pad_token_id)
   mask = supervised_mask(input_ids, tokenizer.media_token_id, tokenizer.eoc_token_id,
                          attention_mask)
+  if supervise == "answer":
+    mask &= np.arange(max_tokens) >= answer_start
   images = np.zeros((max_images, *image_shape), np.float32)
   for k in range(num_images):
     images[k] = media[k][0]

@@ -615,7 +615,9 @@ class ShapesWorld(RecordSource):
   one generator, rendered on read (in the pipeline's workers).
 
   ``kind``: ``caption`` and ``pair`` give ``[image, caption]``, ``vqa`` gives ``[image,
-  "Question:... Short answer:..."]``, ``interleaved`` and ``binding`` give their documents.
+  "Question:... Short answer:", answer]`` (the answer its own chunk, so a dataset can supervise it
+  alone: ``sequence.build_example``'s ``supervise``), ``interleaved`` and ``binding`` give their
+  documents.
   ``generator_kwargs`` go to the generator (e.g. ``image_size``, ``max_images``, ``num_shots``).
   """
 
@@ -637,8 +639,8 @@ class ShapesWorld(RecordSource):
     if self._kind in ("caption", "pair"):
       chunks = [item["image"], item["caption" if self._kind == "caption" else "text"]]
     elif self._kind == "vqa":
-      chunks = [item["image"], shapes_world.QA_FORMAT.format(question=item["question"],
-                                                             answer=item["answer"])]
+      chunks = [item["image"], shapes_world.QA_FORMAT.format(question=item["question"], answer=""),
+                item["answer"]]
     else:
       chunks = item["chunks"]
     key = f"shapes/{self._kind}/{self._split}/{self._seed}/{entry}"

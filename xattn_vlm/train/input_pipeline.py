@@ -10,9 +10,11 @@ Each entry of ``config.data.datasets`` names a ``source``:
     ``image_root``): real image-text pairs and interleaved documents.
 An entry may set its own ``max_tokens`` and ``media_slots`` (image slots per example) instead of
 ``config.data.max_tokens`` / ``max_images``, so short image-text pairs are not padded to the
-shapes of long interleaved documents. Every step yields ``{name: batch}`` with one batch per
-dataset; the iterator's state is saved with each checkpoint, so a resumed run reads exactly the
-batches an uninterrupted one would.
+shapes of long interleaved documents, and ``supervise``: ``"all"`` (the default: Flamingo's LM
+loss on every text token) or ``"answer"`` (question-answer records such as the shapes world's
+``vqa``: the loss on the answer alone, ``sequence.build_example``). Every step yields
+``{name: batch}`` with one batch per dataset; the iterator's state is saved with each checkpoint,
+so a resumed run reads exactly the batches an uninterrupted one would.
 
 With ``config.data.feature_cache`` set (the Flamingo stage), the image datasets read the frozen
 tower's features from that cache (``data.features``) instead of pixels, so the tower never runs.
@@ -28,6 +30,7 @@ from absl import logging
 
 from xattn_vlm.data import features
 from xattn_vlm.data import pipeline
+from xattn_vlm.data import sequence
 from xattn_vlm.data import shapes_world
 from xattn_vlm.data import sources
 from xattn_vlm.data.sequence import IGNORE_INDEX
@@ -36,7 +39,7 @@ from xattn_vlm.train import checkpoint
 from xattn_vlm.train import stages
 
 SOURCES = ("shapes", "shapes_text", "image_text_folder", "webdataset", "mmc4")
-_COMPONENT_KEYS = ("source", "batch_size", "weight", "max_tokens", "media_slots")
+_COMPONENT_KEYS = ("source", "batch_size", "weight", "max_tokens", "media_slots", "supervise")
 
 
 class ShapesText:
@@ -128,16 +131,24 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     source = _source(name, component, config)
     max_tokens = component.get("max_tokens", config.data.max_tokens)
     max_images = component.get("media_slots", config.data.max_images)
+    supervise = component.get("supervise", "all")
+    if supervise not in sequence.SUPERVISE:
+      raise ValueError(f"config.data.datasets.{name}.supervise: expected one of "
+                       f"{sequence.SUPERVISE}, got {supervise!r}")
     if component.source == "shapes_text":
+      if supervise != "all":
+        raise ValueError(f"config.data.datasets.{name}.supervise={supervise!r}: text-only "
+                         "datasets supervise every token; leave it 'all'")
       transform = TextTransform(tokenizer, max_tokens=max_tokens)
     elif cache is not None:
       _check_cached(name, source, cache)
       transform = features.CachedFeaturesTransform(tokenizer, cache, max_tokens=max_tokens,
-                                                   max_images=max_images)
+                                                   max_images=max_images, supervise=supervise)
     else:
       transform = pipeline.ExampleTransform(
           tokenizer, max_tokens=max_tokens, max_images=max_images, image_size=vision.image_size,
-          mean=vision.image_mean, std=vision.image_std, mode=config.data.image_mode)
+          mean=vision.image_mean, std=vision.image_std, mode=config.data.image_mode,
+          supervise=supervise)
     result[name] = pipeline.Component(source, transform, batch_size=component.batch_size,
                                       weight=component.weight)
   return result
