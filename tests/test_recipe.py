@@ -48,6 +48,7 @@ def test_smoke_recipe_beats_the_untrained_model_on_vqa(tmp_path):
   text = (tmp_path / report.REPORT).read_text()
   assert "| VQA, majority answer per question type |" in text and "![" in text
   assert "Image-swap ablation" in text
+  assert "| type | 0-shot | 4-shot | majority |" in text and "| colour (" in text
   for figure in (report.FIGURE, report.GRID):
     assert (tmp_path / figure).stat().st_size > 10_000
 

@@ -109,7 +109,7 @@ def write(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, result
   checks["uses its images (VQA answers worse with another question's image)"] = (
       reliance["swapped_nll"] > reliance["own_nll"] + 0.1)
   extras = {"majority": majority, "checks": checks, "image_reliance": dict(reliance),
-            "vqa_per_type": vqa_per_type(config, workdir / "eval", shots[-1])
+            "vqa_per_type": {s: vqa_per_type(config, workdir / "eval", s) for s in shots}
             if "shapes_vqa" in results else {}}
   plot(config, workdir, results, untrained, majority, ways)
   grid(config, workdir)
@@ -165,10 +165,13 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
             "with its own (the check above asks for 0.1 nats).", ""]
   if extras["vqa_per_type"]:
     per_type = extras["vqa_per_type"]
-    lines += [f"VQA accuracy per question type at {shots[-1]} shots (majority answer beside):", "",
-              "| type | ours | majority |", "|---|---|---|",
-              *[f"| {t} ({majority['answers'][t]}) | {per_type[t]:.1f} | "
-                f"{majority['per_type'].get(t, float('nan')):.1f} |" for t in per_type], ""]
+    types = [t for t in shapes_world.QUESTION_TYPES if any(t in p for p in per_type.values())]
+    lines += ["VQA accuracy (%) per question type (the majority answer beside):", "",
+              "| type | " + " | ".join(f"{s}-shot" for s in shots) + " | majority |",
+              "|---|" + "---|" * (len(shots) + 1),
+              *[f"| {t} ({majority['answers'][t]}) | "
+                + " | ".join(f"{per_type[s][t]:.1f}" if t in per_type[s] else "—" for s in shots)
+                + f" | {majority['per_type'].get(t, float('nan')):.1f} |" for t in types], ""]
   lines += ["## Training", "", "| stage | steps | final loss | batch (per dataset) |",
             "|---|---|---|---|"]
   for stage in STAGES:
