@@ -79,7 +79,9 @@ def hf_folder(cache, tok, tmp_path_factory):
 
 
 def test_from_pretrained_matches_default(hf_folder, tok):
-  hf = Tokenizer.from_pretrained(hf_folder)
+  """The BPE has at most the default LM vocabulary's tokens; the vocabulary pads the rest."""
+  assert Tokenizer.from_pretrained(hf_folder).lm_vocab_size <= tokenizer_lib.DEFAULT_VOCAB_SIZE
+  hf = Tokenizer.from_pretrained(hf_folder, lm_vocab_size=tokenizer_lib.DEFAULT_VOCAB_SIZE)
   assert (hf.lm_vocab_size, hf.media_token_id, hf.eoc_token_id, hf.eos_token_id) == (
       tok.lm_vocab_size, tok.media_token_id, tok.eoc_token_id, tok.eos_token_id)
   for text in TEXTS:
@@ -88,7 +90,7 @@ def test_from_pretrained_matches_default(hf_folder, tok):
 
 
 def test_padded_vocabulary_remaps_added_tokens(hf_folder, tok):
-  """Qwen2-style: the checkpoint has more rows (1100) than the tokenizer has tokens (1026)."""
+  """Qwen2-style: the checkpoint has more rows (1100) than the tokenizer has tokens."""
   hf = Tokenizer.from_pretrained(hf_folder, lm_vocab_size=1100)
   assert (hf.media_token_id, hf.eoc_token_id, hf.vocab_size) == (1100, 1101, 1102)
   ids = hf.encode(TEXTS[2])
@@ -96,8 +98,9 @@ def test_padded_vocabulary_remaps_added_tokens(hf_folder, tok):
   assert tok.media_token_id not in ids and tok.eoc_token_id not in ids
   assert [i for i in ids if i < 1024] == [i for i in tok.encode(TEXTS[2]) if i < 1024]
   assert hf.decode(ids) == TEXTS[2]
-  with pytest.raises(ValueError, match="lm_vocab_size must be at least 1024"):
-    Tokenizer.from_pretrained(hf_folder, lm_vocab_size=1000)
+  own = Tokenizer.from_pretrained(hf_folder).lm_vocab_size
+  with pytest.raises(ValueError, match=f"lm_vocab_size must be at least {own}"):
+    Tokenizer.from_pretrained(hf_folder, lm_vocab_size=own - 1)
 
 
 def test_tokens_are_added_to_a_tokenizer_without_them(tmp_path):

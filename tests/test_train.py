@@ -251,6 +251,19 @@ def test_text_datasets_refuse_answer_supervision():
     input_pipeline.components(config, input_pipeline.tokenizer_for(config))
 
 
+def test_tokenizer_must_fit_the_vocabulary():
+  """Smaller fails in every stage; larger is padding for an LM, but in the flamingo stage the
+  model would look for <image> at the wrong id and silently train without images."""
+  tokenizer = input_pipeline.tokenizer_for(tiny("lm_pretrain", **{"model.lm.vocab_size": 2048}))
+  assert tokenizer.lm_vocab_size == 1024
+  with pytest.raises(ValueError, match=r"config\.model\.lm\.vocab_size=512 is smaller than the "
+                                       r"tokenizer's vocabulary \(1024\); set it to at least 1024"):
+    input_pipeline.tokenizer_for(tiny("lm_pretrain", **{"model.lm.vocab_size": 512}))
+  with pytest.raises(ValueError, match=r"config\.model\.lm\.vocab_size=2048 must equal the "
+                                       r"tokenizer's vocabulary \(1024\) in the flamingo stage"):
+    input_pipeline.tokenizer_for(tiny("flamingo", **{"model.lm.vocab_size": 2048}))
+
+
 def test_contrastive_stage_refuses_microbatches():
   with pytest.raises(ValueError, match=r"config\.microbatches: the vision_pretrain loss"):
     trainer.check_config(tiny("vision_pretrain", microbatches=2))

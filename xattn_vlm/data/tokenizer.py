@@ -28,7 +28,10 @@ EOC_TOKEN = "<|endofchunk|>"
 ADDED_TOKENS = (MEDIA_TOKEN, EOC_TOKEN)  # model ids lm_vocab_size + 0 and + 1, in this order
 
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
-DEFAULT_VOCAB_SIZE = 1024  # the default tokenizer's LM vocabulary, <|endoftext|> included
+# The default tokenizer's LM vocabulary, <|endoftext|> included: the BPE learns merges up to this
+# size or until the shapes world's text has no pair left to merge, and the rest is padding, so
+# <image> and <|endofchunk|> keep their ids even when a smaller world saturates the BPE early.
+DEFAULT_VOCAB_SIZE = 1024
 DEFAULT_CORPUS_SIZE = 2000  # shapes-world texts its BPE merges are learned from
 CACHE_ENV = "XATTN_VLM_CACHE"
 
@@ -162,8 +165,8 @@ def _default_tokenizer_key() -> str:
 
 def train_default_tokenizer() -> tokenizers.Tokenizer:
   """Byte-level BPE (GPT-2 style, no prefix space) learned on the first ``DEFAULT_CORPUS_SIZE``
-  train texts of the shapes world: ``DEFAULT_VOCAB_SIZE`` tokens, ``<|endoftext|>`` first, then
-  ``<image>`` and ``<|endofchunk|>`` as added tokens right after."""
+  train texts of the shapes world: at most ``DEFAULT_VOCAB_SIZE`` tokens, ``<|endoftext|>``
+  first, then ``<image>`` and ``<|endofchunk|>`` as added tokens right after."""
   tokenizer = tokenizers.Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
@@ -177,10 +180,10 @@ def train_default_tokenizer() -> tokenizers.Tokenizer:
 
 
 def default_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
-  """The shapes-world BPE tokenizer, trained on first use and cached as JSON in ``cache_dir``
-  (default ``$XATTN_VLM_CACHE`` or ``~/.cache/xattn_vlm``). The file name carries a digest of its
-  inputs, so a changed world retrains instead of reusing stale merges; the file is written
-  atomically, so concurrent first uses are safe."""
+  """The shapes-world BPE tokenizer (``DEFAULT_VOCAB_SIZE`` LM ids, padded), trained on first use
+  and cached as JSON in ``cache_dir`` (default ``$XATTN_VLM_CACHE`` or ``~/.cache/xattn_vlm``).
+  The file name carries a digest of its inputs, so a changed world retrains instead of reusing
+  stale merges; the file is written atomically, so concurrent first uses are safe."""
   folder = _cache_dir(cache_dir)
   path = folder / f"shapes_bpe_{_default_tokenizer_key()}.json"
   if not path.is_file():
@@ -188,4 +191,5 @@ def default_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
       f.write(train_default_tokenizer().to_str())
     os.replace(f.name, path)
-  return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), eos_token=DEFAULT_EOS_TOKEN)
+  return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), lm_vocab_size=DEFAULT_VOCAB_SIZE,
+                   eos_token=DEFAULT_EOS_TOKEN)
