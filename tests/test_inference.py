@@ -117,6 +117,16 @@ def test_processor_errors_name_the_prompt_and_counts(processor, prompts, images,
     processor(prompts, images)
 
 
+def test_processor_refuses_a_tokenizer_of_another_vocabulary(config, tokenizer):
+  """The model takes <image> as id lm.vocab_size: a tokenizer of another size would go unseen."""
+  other = config.copy_and_resolve_references()
+  other.lm.vocab_size = tokenizer.lm_vocab_size + 64
+  with pytest.raises(ValueError, match=rf"lm\.vocab_size={other.lm.vocab_size} must equal the "
+                                       rf"tokenizer's vocabulary \({tokenizer.lm_vocab_size}\) "
+                                       r"in the model's config"):
+    Processor.from_model_config(other, tokenizer)
+
+
 def test_processor_unreadable_image_names_the_prompt(processor, tmp_path):
   corrupt = tmp_path / "corrupt.jpg"
   corrupt.write_bytes(b"not a jpeg")

@@ -102,6 +102,15 @@ class Tokenizer:
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return cls(hf_tokenizer, lm_vocab_size=lm_vocab_size)
 
+  def require_model_vocab(self, vocab_size: int, setting: str, where: str) -> None:
+    """Fails unless a Flamingo model whose LM vocabulary is ``vocab_size`` (``setting`` names it in
+    the error, ``where`` says which model) reads this tokenizer's ``<image>`` and
+    ``<|endofchunk|>``: the model takes them as ids ``vocab_size + 0`` and ``+ 1``, so a larger
+    LM vocabulary would silently see neither."""
+    if vocab_size != self.lm_vocab_size:
+      raise ValueError(f"{setting}={vocab_size} must equal the tokenizer's vocabulary "
+                       f"({self.lm_vocab_size}) {where}, where <image> and <|endofchunk|> follow it")
+
   def _vocab(self) -> dict[str, int]:
     if self._raw:
       return self._tokenizer.get_vocab(with_added_tokens=True)

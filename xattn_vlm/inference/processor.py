@@ -73,10 +73,7 @@ class Processor:
   def from_model_config(cls, config: ml_collections.ConfigDict, tokenizer,
                         image_mode: str = "pad") -> Processor:
     """The processor for a Flamingo model config (``xattn_vlm.models.config``)."""
-    if tokenizer.media_token_id != config.lm.vocab_size:
-      raise ValueError(f"tokenizer's <image> id ({tokenizer.media_token_id}) must equal the "
-                       f"model's lm.vocab_size ({config.lm.vocab_size}): the tokenizer's "
-                       "lm_vocab_size must be the model's LM vocabulary size")
+    tokenizer.require_model_vocab(config.lm.vocab_size, "lm.vocab_size", "in the model's config")
     return cls(tokenizer, image_size=config.vision.image_size,
                image_mean=config.vision.image_mean, image_std=config.vision.image_std,
                max_length=config.lm.max_length, image_mode=image_mode)

@@ -116,11 +116,9 @@ def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
     if size < tokenizer.lm_vocab_size:
       raise ValueError(f"{setting}={size} is smaller than the tokenizer's vocabulary "
                        f"({tokenizer.lm_vocab_size}); set it to at least {tokenizer.lm_vocab_size}")
-  if config.stage == "flamingo" and config.model.lm.vocab_size != tokenizer.lm_vocab_size:
-    # The model reads <image> and <|endofchunk|> as ids lm.vocab_size + 0 and + 1.
-    raise ValueError(f"config.model.lm.vocab_size={config.model.lm.vocab_size} must equal the "
-                     f"tokenizer's vocabulary ({tokenizer.lm_vocab_size}) in the flamingo stage, "
-                     "where <image> and <|endofchunk|> follow it")
+  if config.stage == "flamingo":
+    tokenizer.require_model_vocab(config.model.lm.vocab_size, "config.model.lm.vocab_size",
+                                  "in the flamingo stage")
   return tokenizer
 
 
