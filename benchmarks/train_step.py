@@ -37,6 +37,8 @@ import time
 from absl import app
 from absl import flags
 
+from xattn_vlm import host
+
 _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
@@ -45,6 +47,7 @@ _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is
 
 def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
   """Runs in a process whose XLA_FLAGS force ``devices`` host devices."""
+  host.reuse_freed_memory()
   # pylint: disable=import-outside-toplevel  # jax must see this process's XLA_FLAGS first
   import jax
   import jax.numpy as jnp
