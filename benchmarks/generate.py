@@ -34,7 +34,6 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from xattn_vlm import host
 from xattn_vlm.inference import Batch, GenerationConfig, InferenceModel, decoding, generate_tokens
 from xattn_vlm.inference.scoring import prefill
 from xattn_vlm.models import config as model_config
@@ -117,7 +116,6 @@ def decode_loop(graph, params, logits, cache, config):
 
 
 def main(argv):
-  host.reuse_freed_memory()
   del argv
   config = model_config.bench_small()
   model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(0)))()

@@ -1,5 +1,4 @@
-"""Test setup: 8 forced CPU devices, freed host memory kept for reuse (`host.reuse_freed_memory`)
-and a persistent compilation cache, before jax is imported."""
+"""Test setup: 8 forced CPU devices and a persistent compilation cache, before jax is imported."""
 
 import os
 import pathlib
@@ -8,10 +7,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from xattn_vlm import host  # noqa: E402
-
-host.reuse_freed_memory()
 
 import jax  # noqa: E402
 

@@ -21,7 +21,6 @@ from ml_collections import config_flags
 
 import jax
 
-from xattn_vlm import host
 from xattn_vlm.data import Tokenizer, default_tokenizer
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
@@ -39,7 +38,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  host.reuse_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.multiprocess:

@@ -15,13 +15,18 @@ _LARGEST_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 def reuse_freed_memory() -> bool:
   """Makes glibc keep the memory XLA:CPU frees, to hand it out again; returns whether it applied.
 
-  Every execution of a compiled program allocates one buffer for all its temporaries (373 MB for
-  the bench-small train step) on one of XLA's worker threads, and frees it when it ends. glibc
-  serves an allocation that large, from a worker thread's arena, with a fresh ``mmap`` and
-  returns it with ``munmap``: each step faulted every page in again, about 100,000 page faults
-  and a quarter of a CPU second in the kernel per 0.75 s step. With one arena, no ``mmap`` and no
-  trimming below 2 GiB the buffer comes back from the heap, its pages already mapped. The cost:
-  the process keeps its peak heap, and all threads share one arena.
+  For training processes. Every execution of a compiled program allocates one buffer for all its
+  temporaries (373 MB for the bench-small train step) on one of XLA's worker threads, and frees
+  it when it ends. glibc serves an allocation that large, from a worker thread's arena, with a
+  fresh ``mmap`` and returns it with ``munmap``: each step faulted every page in again, about
+  100,000 page faults and a quarter of a CPU second in the kernel per 0.75 s step. With one
+  arena, no ``mmap`` and no trimming below 2 GiB the buffer comes back from the heap, its pages
+  already mapped, and the step is about a tenth faster (``benchmarks/train_step.py``).
+
+  The costs: the process keeps its peak heap, and all threads allocate from one arena under one
+  lock. Token-by-token decoding, whose steps are small and allocate often from several threads,
+  contends for it: its per-token time was about 15% longer. So the training entry points call
+  this, and generation and evaluation do not.
 
   Call it first thing in a program's ``main``: it only reaches threads that have not allocated
   yet, that is before JAX's first computation creates the CPU client and its thread pool. A no-op

@@ -15,7 +15,6 @@ from __future__ import annotations
 from absl import app, flags
 from flax import nnx
 
-from xattn_vlm import host
 from xattn_vlm.data import Tokenizer, default_tokenizer
 from xattn_vlm.inference import Processor, generate
 from xattn_vlm.models import config as model_config
@@ -63,7 +62,6 @@ def build(checkpoint: str | None, preset: str | None, tokenizer_dir: str | None,
 
 
 def main(argv):
-  host.reuse_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   model, processor = build(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.seed)
