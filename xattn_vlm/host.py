@@ -5,35 +5,40 @@ from __future__ import annotations
 import ctypes
 import platform
 
+import jax
+
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _LARGEST_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 
 def reuse_freed_memory() -> bool:
-  """Makes glibc keep the memory XLA:CPU frees, to hand it out again; returns whether it applied.
+  """Keeps the memory XLA:CPU frees in the process, to hand it out again; returns whether it
+  applied.
 
   For training processes. Every execution of a compiled program allocates one buffer for all its
-  temporaries (373 MB for the bench-small train step) on one of XLA's worker threads, and frees
-  it when it ends. glibc serves an allocation that large, from a worker thread's arena, with a
-  fresh ``mmap`` and returns it with ``munmap``: each step faulted every page in again, about
-  100,000 page faults and a quarter of a CPU second in the kernel per 0.75 s step. With one
-  arena, no ``mmap`` and no trimming below 2 GiB the buffer comes back from the heap, its pages
-  already mapped, and the step is about a tenth faster (``benchmarks/train_step.py``).
+  temporaries (373 MB for the bench-small train step) and frees it when it ends. glibc serves an
+  allocation that large with a fresh ``mmap`` and returns it with ``munmap``: each step faulted
+  every page in again, about 100,000 page faults and a quarter of a CPU second in the kernel per
+  0.75 s step. This turns ``mmap`` off and trimming below 2 GiB, so the buffer comes back from
+  the heap with its pages mapped, and runs each execution on the thread that calls it
+  (``jax_cpu_enable_async_dispatch=False``): a buffer of more than 64 MB can only come from the
+  heap of the main thread's arena, the others' are capped there and fall back to ``mmap``. The
+  bench-small step is then about a tenth faster (``benchmarks/train_step.py``).
 
-  The costs: the process keeps its peak heap, and all threads allocate from one arena under one
-  lock. Token-by-token decoding, whose steps are small and allocate often from several threads,
-  contends for it: its per-token time was about 15% longer. So the training entry points call
-  this, and generation and evaluation do not.
+  The costs: the process keeps its peak heap, and a jitted call returns only when its result is
+  ready, so Python no longer runs ahead of the computation (the trainer's data pipeline runs in
+  its own threads; its Flamingo-stage step time did not change). Decoding, with its many small
+  steps, keeps the defaults: generation and evaluation do not call this.
 
-  Call it first thing in a program's ``main``: it only reaches threads that have not allocated
-  yet, that is before JAX's first computation creates the CPU client and its thread pool. A no-op
-  (False) on a C library other than glibc (macOS, musl).
+  Call it first thing in a program's ``main``, before JAX's first computation creates the CPU
+  client. A no-op (False) on a C library other than glibc (macOS, musl).
   """
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   libc = ctypes.CDLL(None)
-  return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _LARGEST_TRIM_THRESHOLD)))
+  applied = all(libc.mallopt(param, value) == 1 for param, value in (
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _LARGEST_TRIM_THRESHOLD)))
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return applied
