@@ -11,8 +11,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Prints whether the setting applied, then the page faults of each of 8 calls of a program whose
-# temporary (x @ y, 64 MiB) is larger than any buffer glibc hands out from a thread's arena. The
-# first 20 calls let the heap grow to its steady size.
+# temporary (x @ y, 64 MiB) is above glibc's largest mmap threshold (32 MiB), so that by default
+# every call maps it afresh. The first 20 calls let the heap grow to its steady size.
 _SCRIPT = """
 import resource, sys
 from xattn_vlm import host
