@@ -17,20 +17,21 @@ def reuse_freed_memory() -> bool:
   """Keeps the memory XLA:CPU frees in the process, to hand it out again; returns whether it
   applied.
 
-  For training processes. Every execution of a compiled program allocates one buffer for all its
-  temporaries (373 MB for the bench-small train step) and frees it when it ends. glibc serves an
-  allocation that large with a fresh ``mmap`` and returns it with ``munmap``: each step faulted
-  every page in again, about 100,000 page faults and a quarter of a CPU second in the kernel per
-  0.75 s step. This turns ``mmap`` off and trimming below 2 GiB, so the buffer comes back from
-  the heap with its pages mapped, and runs each execution on the thread that calls it
+  Opt-in, for a process that runs one large compiled step again and again (``benchmarks/
+  train_step.py`` calls it). Every execution of a compiled program allocates one buffer for all
+  its temporaries (373 MB for the bench-small train step) and frees it when it ends. glibc serves
+  an allocation that large with a fresh ``mmap`` and returns it with ``munmap``: each step
+  faulted every page in again, about 100,000 page faults and a quarter of a CPU second in the
+  kernel per 0.75 s step. This turns ``mmap`` off and trimming below 2 GiB, so the buffer comes
+  back from the heap with its pages mapped, and runs each execution on the thread that calls it
   (``jax_cpu_enable_async_dispatch=False``): a buffer of more than 64 MB can only come from the
   heap of the main thread's arena, the others' are capped there and fall back to ``mmap``. The
-  bench-small step is then about a tenth faster (``benchmarks/train_step.py``).
+  bench-small step is then about a tenth faster.
 
-  The costs: the process keeps its peak heap, and a jitted call returns only when its result is
-  ready, so Python no longer runs ahead of the computation (the trainer's data pipeline runs in
-  its own threads; its Flamingo-stage step time did not change). Generation and evaluation do
-  not call this: their buffers are small, and per-token decoding took the same time with it.
+  Not on by default: the process keeps its peak heap, a jitted call returns only when its result
+  is ready, and in the miniature recipe (three training stages in one process) the Flamingo
+  stage's step took 0.57 s with it against 0.32 s without, for a reason not yet found, although
+  that stage run alone took the same time either way.
 
   Call it first thing in a program's ``main``, before JAX's first computation creates the CPU
   client. A no-op (False) on a C library other than glibc (macOS, musl).

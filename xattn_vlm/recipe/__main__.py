@@ -8,7 +8,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from xattn_vlm import host
 from xattn_vlm import recipe
 
 config_flags.DEFINE_config_file("config", None, "Recipe config file[:preset].", lock_config=True)
@@ -18,7 +17,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  host.reuse_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   recipe.run(FLAGS.config, FLAGS.workdir)

@@ -12,7 +12,6 @@ from ml_collections import config_flags
 
 import jax
 
-from xattn_vlm import host
 from xattn_vlm.train import distributed
 from xattn_vlm.train import trainer
 
@@ -25,7 +24,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  host.reuse_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if "stages" in FLAGS.config:

@@ -8,7 +8,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from xattn_vlm import host
 from xattn_vlm.train import feature_cache
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
@@ -20,7 +19,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  host.reuse_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   feature_cache.build_features(FLAGS.config, FLAGS.output, batch_size=FLAGS.batch_size)
