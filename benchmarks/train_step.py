@@ -21,7 +21,7 @@ On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over d
 that total over the one-device matmul peak (which already uses every core).
 
 COMMAND: python -m benchmarks.train_step --steps=10 --warmup=2
-(``--noreuse_freed_memory``: without ``host.reuse_freed_memory()``, as the trainer runs by default.)
+(``--noreuse_freed_memory``: without ``host.reuse_freed_memory()``, which the trainer calls too.)
 (``--devices=N`` measures N forced devices in this process; by default one subprocess runs each
 of 1 and 8.)
 """
@@ -43,14 +43,12 @@ from xattn_vlm import host
 _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
-_REUSE = flags.DEFINE_bool("reuse_freed_memory", True,
-                           "call host.reuse_freed_memory() first (the trainer does not, by default)")
 _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is taken)
 
 
 def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
   """Runs in a process whose XLA_FLAGS force ``devices`` host devices."""
-  if _REUSE.value:
+  if host.REUSE_FREED_MEMORY.value:
     host.reuse_freed_memory()
   # pylint: disable=import-outside-toplevel  # jax must see this process's XLA_FLAGS first
   import jax
@@ -131,13 +129,13 @@ def main(argv) -> None:
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--devices={devices}",
                           f"--steps={steps}", f"--warmup={warmup}",
-                          f"--reuse_freed_memory={_REUSE.value}"],
+                          f"--reuse_freed_memory={host.REUSE_FREED_MEMORY.value}"],
                          cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, check=True,
                          capture_output=True, text=True).stdout
     rows += json.loads(out.strip().splitlines()[-1])
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up; "
-        f"host.reuse_freed_memory: {_REUSE.value}")
+        f"host.reuse_freed_memory: {host.REUSE_FREED_MEMORY.value}")
   print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
         "MFU back-to-back | peak per-step TFLOP/s | peak back-to-back TFLOP/s (before, after) | "
         "load average |")

@@ -1,11 +1,14 @@
 """grain pipelines: resumable in a fresh process, per-host slices of the global batch, per-epoch
-shuffling, bad records skipped and counted, worker-count independence, mixture composition."""
+shuffling, whole batches prefetched, bad records skipped and counted, worker-count independence,
+mixture composition."""
 
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import grain
 import numpy as np
@@ -192,6 +195,35 @@ def test_mixture_yields_one_batch_per_dataset_with_its_size_and_weight():
   assert mixture.skipped == {"mmc4": {}, "laion": {}}
 
 
+class CountingTransform:
+  """``index_example`` that counts its calls (from grain's read threads)."""
+
+  def __init__(self):
+    self.calls = 0
+    self._lock = threading.Lock()
+
+  def __call__(self, record):
+    with self._lock:
+      self.calls += 1
+    return index_example(record)
+
+
+@pytest.mark.parametrize("prefetch_batches", [0, 2])
+def test_read_threads_work_whole_batches_ahead_and_no_further(prefetch_batches):
+  transform = CountingTransform()
+  iterator = pipeline.batch_iterator(index_source(1000), transform, batch_size=16, seed=0,
+                                     process_index=0, process_count=1,
+                                     prefetch_batches=prefetch_batches)
+  next(iterator)
+  expected = 16 * (1 + prefetch_batches)
+  deadline = time.monotonic() + 30
+  while transform.calls < expected and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)  # time to overshoot, were the buffer unbounded
+  assert transform.calls == expected
+  iterator.close()
+
+
 def test_a_state_is_refused_by_a_pipeline_with_another_order():
   state = pipeline.batch_iterator(index_source(8), index_example, batch_size=4, seed=0,
                                   process_index=0, process_count=1).get_state()
@@ -209,6 +241,9 @@ def test_arguments_are_checked_with_their_names():
   with pytest.raises(ValueError, match=r"components\['a'\].weight: expected > 0, got 0"):
     pipeline.mixture_iterator({"a": pipeline.Component(index_source(4), index_example, 2, 0.0)},
                               seed=0)
+  with pytest.raises(ValueError, match="prefetch_batches: expected >= 0, got -1"):
+    pipeline.batch_iterator(index_source(4), index_example, batch_size=2, seed=0,
+                            process_index=0, process_count=1, prefetch_batches=-1)
   with pytest.raises(ValueError, match="source: expected at least one record"):
     pipeline.batch_iterator([], index_example, batch_size=2, seed=0, process_index=0,
                             process_count=1)

@@ -6,9 +6,10 @@ Host ``p`` of ``P`` reads rows ``[p*b, (p+1)*b)`` of each global batch (``b = ba
 the hosts' slices are disjoint and, concatenated in process order (what
 ``jax.make_array_from_process_local_data`` does), are exactly the one-host global batch. Records
 are read and transformed (decode -> preprocess -> ``build_example``) in grain worker processes
-(``num_workers``, 0 = in this process) with ``read_threads`` threads and ``prefetch`` elements
-buffered each; workers hand back single examples in stream order and batching happens here, so
-the batches do not depend on ``num_workers``.
+(``num_workers``, 0 = in this process) with ``read_threads`` threads, which work
+``prefetch_batches`` whole batches ahead of the consumer (while a training step runs); workers
+hand back single examples in stream order and batching happens here, so the batches do not
+depend on ``num_workers``.
 
 **Bad records.** A record whose read or transform raises ``sources.BadRecordError``,
 ``images.ImageError`` or ``OSError`` becomes a ``Skipped`` marker; the iterator drops it, counts it
@@ -255,7 +256,7 @@ class BatchIterator(grain.DatasetIterator):
 def batch_iterator(source: Sequence[dict[str, Any]], transform: Transform, *, batch_size: int,
                    seed: int, shuffle: bool = True, num_epochs: int | None = None,
                    process_index: int | None = None, process_count: int | None = None,
-                   num_workers: int = 0, read_threads: int = 1, prefetch: int = 8,
+                   num_workers: int = 0, read_threads: int = 1, prefetch_batches: int = 2,
                    name: str | None = None) -> BatchIterator:
   """This host's batches of ``transform(source[i])``; see the module docstring for the order.
 
@@ -272,13 +273,18 @@ def batch_iterator(source: Sequence[dict[str, Any]], transform: Transform, *, ba
       ``jax.process_count()``.
     num_workers: grain worker processes reading and transforming records; 0 = this process.
     read_threads: threads per process reading and transforming records.
-    prefetch: examples buffered ahead per process.
+    prefetch_batches: batches read and transformed ahead of ``next`` per process, in
+      ``read_threads`` threads (as ``prefetch_batches`` times the local batch of examples): the
+      next batches are made while the caller computes, even when its computation holds the
+      thread that calls ``next`` (synchronous dispatch, ``host.reuse_freed_memory``).
     name: for logs and skip counts; defaults to the source's ``name``.
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   if batch_size < 1 or batch_size % process_count:
     raise ValueError(f"batch_size: expected a positive multiple of process_count="
                      f"{process_count}, got {batch_size}")
+  if prefetch_batches < 0:
+    raise ValueError(f"prefetch_batches: expected >= 0, got {prefetch_batches}")
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f"source: expected at least one record, got an empty {source!r}")
   if not 0 <= seed < 2**32:
@@ -292,10 +298,12 @@ def batch_iterator(source: Sequence[dict[str, Any]], transform: Transform, *, ba
   order = {"records": len(source), "batch_size": batch_size, "seed": seed if shuffle else None,
            "num_epochs": num_epochs, "process_index": process_index,
            "process_count": process_count}
-  return BatchIterator(elements, local_batch=batch_size // process_count,
+  local_batch = batch_size // process_count
+  return BatchIterator(elements, local_batch=local_batch,
                        name=name or getattr(source, "name", type(source).__name__), order=order,
-                       read_options=grain.ReadOptions(num_threads=read_threads,
-                                                      prefetch_buffer_size=prefetch),
+                       read_options=grain.ReadOptions(
+                           num_threads=read_threads,
+                           prefetch_buffer_size=prefetch_batches * local_batch),
                        num_workers=num_workers)
 
 
@@ -365,7 +373,8 @@ def mixture_iterator(components: Mapping[str, Component], *, seed: int,
 
   Each component gets its own ``batch_iterator`` (its own workers when ``num_workers > 0``) with
   ``component_seed(seed, name)``; ``kwargs`` (``shuffle``, ``num_epochs``, ``process_index``,
-  ``process_count``, ``num_workers``, ``read_threads``, ``prefetch``) apply to every component.
+  ``process_count``, ``num_workers``, ``read_threads``, ``prefetch_batches``) apply to every
+  component.
   """
   if not components:
     raise ValueError("components: expected at least one dataset, got none")

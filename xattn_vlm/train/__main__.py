@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 import jax
 
+from xattn_vlm import host
 from xattn_vlm.train import distributed
 from xattn_vlm.train import trainer
 
@@ -26,6 +27,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if host.REUSE_FREED_MEMORY.value:
+    host.reuse_freed_memory()
   if "stages" in FLAGS.config:
     raise app.UsageError(
         f"--config holds a recipe of several stages ({', '.join(FLAGS.config.stages)}), not one "

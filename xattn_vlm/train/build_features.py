@@ -8,6 +8,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from xattn_vlm import host
 from xattn_vlm.train import feature_cache
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
@@ -21,6 +22,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if host.REUSE_FREED_MEMORY.value:
+    host.reuse_freed_memory()
   feature_cache.build_features(FLAGS.config, FLAGS.output, batch_size=FLAGS.batch_size)
 
 
