@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_images=2,
       image_mode="pad",
       num_workers=0,
+      prefetch_batches=2,
       feature_cache="",
       datasets=ml_collections.ConfigDict(),
   ))

@@ -230,4 +230,5 @@ def create_iterator(config: ml_collections.ConfigDict, *, process_index: int | N
   return pipeline.mixture_iterator(components(config, tokenizer_for(config), cache),
                                    seed=config.data.seed,
                                    process_index=process_index, process_count=process_count,
-                                   num_workers=config.data.num_workers)
+                                   num_workers=config.data.num_workers,
+                                   prefetch_batches=config.data.prefetch_batches)
