@@ -10,6 +10,7 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
+from xattn_vlm.models import config as model_config
 from xattn_vlm.train import configs
 from xattn_vlm.train import sharding as sharding_lib
 from xattn_vlm.train import trainer
@@ -59,6 +60,19 @@ def test_config_builds_and_its_state_has_a_shape(name, preset):
   assert jax.tree.leaves(s.abstract_state.opt_state)
   if config.stage == "flamingo":
     assert "lm" not in s.abstract_state.opt_state[1][0].mu
+  if config.mesh.tensor > 1:  # a width the tensor axis does not divide would be replicated
+    mlp_kernels = [sharding.spec for path, sharding in
+                   jax.tree_util.tree_flatten_with_path(s.state_sharding.params)[0]
+                   if jax.tree_util.keystr(path).startswith("['lm']")
+                   and "['mlp']" in jax.tree_util.keystr(path)
+                   and jax.tree_util.keystr(path).endswith("['kernel'].value")]
+    assert mlp_kernels and all("tensor" in spec for spec in mlp_kernels), mlp_kernels[:3]
+
+
+def test_swiglu_width_is_two_thirds_rounded_up_as_llama_does():
+  # LLaMA-7B's and LLaMA-65B's MLP widths (d = 4096, 8192); TinyLlama's (d = 2048).
+  assert [model_config.swiglu_width(4 * d) for d in (4096, 8192, 2048)] == [11008, 22016, 5632]
+  assert model_config.swiglu_width(96, multiple_of=32) == 64
 
 
 def test_unknown_preset_setting_is_an_error():

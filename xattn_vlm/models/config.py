@@ -41,6 +41,14 @@ def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, 
   ))
 
 
+def swiglu_width(ffw_width: int, multiple_of: int = 256) -> int:
+  """The SwiGLU hidden width standing in for a plain MLP of ``ffw_width``: two thirds of it (so
+  the three SwiGLU matrices hold as many weights as the two plain ones), rounded up to a multiple
+  of ``multiple_of`` as LLaMA does (4 x 4096 -> 11008), so that a tensor-parallel axis of any
+  power of two up to ``multiple_of`` divides it and the MLP kernels can be sharded over it."""
+  return -(-2 * ffw_width // (3 * multiple_of)) * multiple_of  # the ceiling, in integers
+
+
 def vision_config(*, image_size: int, patch_size: int, width: int, num_layers: int, num_heads: int,
                   mlp_dim: int, activation: str = "quick_gelu", norm_eps: float = 1e-5,
                   feature_layer: int = -1, use_post_layernorm: bool = False,
@@ -160,7 +168,8 @@ def openflamingo_4b() -> ml_collections.ConfigDict:
   """OpenFlamingo-4B shapes: RedPajama-INCITE-3B (GPT-NeoX, 32 x 2560, 32 heads; rotary, so the
   LLaMA family stands in with a 4x GELU-sized MLP), a gated block every 2nd layer."""
   return _openflamingo(lm_config(family="llama", vocab_size=50432, num_layers=32, embed_dim=2560,
-                                 num_heads=32, mlp_dim=6827, max_length=2048), every_n_layers=2)
+                                 num_heads=32, mlp_dim=swiglu_width(4 * 2560), max_length=2048),
+                        every_n_layers=2)
 
 
 def openflamingo_9b() -> ml_collections.ConfigDict:
@@ -186,21 +195,21 @@ def _flamingo(lm, every_n_layers: int, xattn_heads: int) -> ml_collections.Confi
 def flamingo_3b() -> ml_collections.ConfigDict:
   """Flamingo-3B: a 1.4B LM (24 x 2048, 16 heads), a gated block before every layer."""
   lm = lm_config(family="llama", vocab_size=32000, num_layers=24, embed_dim=2048, num_heads=16,
-                 mlp_dim=5461, max_length=2048)
+                 mlp_dim=swiglu_width(4 * 2048), max_length=2048)
   return _flamingo(lm, every_n_layers=1, xattn_heads=16)
 
 
 def flamingo_9b() -> ml_collections.ConfigDict:
   """Flamingo-9B: a 7B LM (40 x 4096, 32 heads), a gated block every 4th layer."""
   lm = lm_config(family="llama", vocab_size=32000, num_layers=40, embed_dim=4096, num_heads=32,
-                 mlp_dim=10923, max_length=2048)
+                 mlp_dim=swiglu_width(4 * 4096), max_length=2048)
   return _flamingo(lm, every_n_layers=4, xattn_heads=32)
 
 
 def flamingo_80b() -> ml_collections.ConfigDict:
   """Flamingo-80B: Chinchilla 70B (80 x 8192, 64 heads), a gated block every 7th layer."""
   lm = lm_config(family="llama", vocab_size=32000, num_layers=80, embed_dim=8192, num_heads=64,
-                 mlp_dim=21845, max_length=2048)
+                 mlp_dim=swiglu_width(4 * 8192), max_length=2048)
   return _flamingo(lm, every_n_layers=7, xattn_heads=64)
 
 
