@@ -17,14 +17,16 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from absl import app
 from absl import flags
 import PIL.Image
 
+from benchmarks import common
+from xattn_vlm import cli
+from xattn_vlm.data import default_tokenizer
 from xattn_vlm.data import pipeline
-from xattn_vlm.data import shapes_world
 from xattn_vlm.data import sources
-from xattn_vlm.data import tokenizer
+from xattn_vlm.data.shapes import records as shapes_records
+from xattn_vlm.data.shapes import world as shapes_world
 
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to compare")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "examples per batch")
@@ -49,13 +51,13 @@ def write_jpeg_folder(folder: pathlib.Path, count: int, size: int = 320) -> None
 
 def workloads(jpeg_folder: pathlib.Path, image_size: int) -> dict[str, tuple]:
   """Name -> (source, transform) of the benchmarked datasets."""
-  tok = tokenizer.default_tokenizer()
+  tok = default_tokenizer()
   documents = pipeline.ExampleTransform(tok, max_tokens=256, max_images=5, image_size=image_size,
                                         mean=CLIP_MEAN, std=CLIP_STD)
   pairs = pipeline.ExampleTransform(tok, max_tokens=32, max_images=1, image_size=image_size,
                                     mean=CLIP_MEAN, std=CLIP_STD)
   return {
-      "shapes world documents": (sources.ShapesWorld("interleaved", num_records=100_000,
+      "shapes world documents": (shapes_records.ShapesWorld("interleaved", num_records=100_000,
                                                      image_size=64), documents),
       "JPEG folder pairs": (sources.ImageTextFolder(jpeg_folder), pairs),
   }
@@ -77,13 +79,7 @@ def examples_per_second(iterator, *, batch_size: int, steps: int, repeats: int,
 
 def step_milliseconds(step_fn: StepFn, name: str, batch: pipeline.Batch, repeats: int) -> float:
   """Median wall time of ``step_fn(name, batch)`` after one untimed call (compilation)."""
-  step_fn(name, batch)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step_fn(name, batch)
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * common.median_time(lambda: step_fn(name, batch), repeats)
 
 
 def run(step_fn: StepFn | None = None, *, workers=(0, 2), batch_size: int = 32, steps: int = 10,
@@ -127,13 +123,16 @@ def format_table(rows: list[dict], batch_size: int) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def benchmark() -> None:
   rows = run(workers=[int(w) for w in _WORKERS.value], batch_size=_BATCH_SIZE.value,
              steps=_STEPS.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
              image_size=_IMAGE_SIZE.value, num_jpegs=_NUM_JPEGS.value)
   print(format_table(rows, _BATCH_SIZE.value))
 
 
+def main() -> None:
+  cli.run(benchmark, name="benchmark-data", doc=__doc__, module=__name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -24,20 +24,21 @@ loop, so it recomputes the LM and the gated blocks only: Hugging Face's ``use_ca
 from __future__ import annotations
 
 import functools
-import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
+
+from benchmarks import common
+from xattn_vlm import cli
 
 from xattn_vlm.inference import Batch, GenerationConfig, InferenceModel, decoding, generate_tokens
 from xattn_vlm.inference.scoring import prefill
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models.flamingo import Flamingo
+from xattn_vlm.train import flops
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "prompts per batch")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 20, "tokens generated per prompt")
@@ -75,28 +76,6 @@ def few_shot_batch(config, batch_size: int, num_images: int, length: int | None 
                media_mask=np.ones((batch_size, num_images), bool))
 
 
-def median_time(fn, repeats: int) -> float:
-  """Median wall time of ``fn()`` (blocked until ready) over ``repeats`` runs after a warm-up."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def matmul_gflops(repeats: int) -> float:
-  """This machine's float32 matmul rate now (2048^3), the yardstick for the prefill's rate."""
-  a = jnp.ones((2048, 2048), jnp.float32)
-  return 2 * 2048**3 / median_time(lambda: jnp.dot(a, a), repeats) / 1e9
-
-
-def load_average() -> str:
-  """The 1, 5 and 15 minute load averages, printed with the figures they qualify."""
-  return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
-
-
 @functools.partial(jax.jit, static_argnames=("graph",))
 def encode_media(graph, params, images):
   """The prefill's media part: vision tower and resampler (for its FLOP count)."""
@@ -115,8 +94,7 @@ def decode_loop(graph, params, logits, cache, config):
   return decoding.sample_loop(logits, cache, step, config, jax.random.key(0)).tokens
 
 
-def main(argv):
-  del argv
+def benchmark() -> None:
   config = model_config.bench_small()
   model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(0)))()
   for block in model.gated_blocks:  # open gates: the cross-attention runs as in a trained model
@@ -124,7 +102,7 @@ def main(argv):
     block.ffw_gate[...] = jnp.asarray(1.0)
   model = InferenceModel(model)
   b, n, repeats = _BATCH_SIZE.value, _NEW_TOKENS.value, _REPEATS.value
-  print(f"before: {load_average()}")
+  print(f"before: {common.load_average()}")
 
   def gen(batch, new_tokens, **kw):
     cfg = GenerationConfig(max_new_tokens=new_tokens,
@@ -133,15 +111,15 @@ def main(argv):
 
   batch = few_shot_batch(config, b, _SHOTS + 1)
   length = batch.input_ids.shape[1]
-  cached = median_time(gen(batch, n), repeats)
-  uncached = median_time(gen(batch, n, use_cache=False), repeats)
+  cached = common.median_time(gen(batch, n), repeats)
+  uncached = common.median_time(gen(batch, n, use_cache=False), repeats)
   prefill_args = (model.graph, model.params, batch.images, batch.input_ids, batch.attention_mask,
                   n)
-  prefill_time = median_time(lambda: prefill(*prefill_args)[0], repeats)
+  prefill_time = common.median_time(lambda: prefill(*prefill_args)[0], repeats)
   prefill_flops = prefill.lower(*prefill_args).compile().cost_analysis()["flops"]
   media_flops = encode_media.lower(model.graph, model.params,
                                    batch.images).compile().cost_analysis()["flops"]
-  beam = median_time(gen(batch, n, num_beams=3), repeats)
+  beam = common.median_time(gen(batch, n, num_beams=3), repeats)
   print(f"bench_small, {_SHOTS}-shot captioning prompt: batch {b}, {_SHOTS + 1} images of "
         f"{config.vision.image_size}px, {length} tokens, {n} new tokens; device "
         f"{jax.devices()[0].device_kind}, medians of {repeats}\n")
@@ -151,7 +129,7 @@ def main(argv):
                         ("cached, greedy", cached), ("cached, beam 3", beam)):
     print(f"| {name} | {seconds:.3f} | {b * n / seconds:,.0f} | {uncached / seconds:.1f}x |")
   print(f"| prefill alone | {prefill_time:.3f} | | |")
-  peak = matmul_gflops(repeats) * 1e9
+  peak = flops.measure_matmul_peak(repeats=repeats)
   print(f"\nprefill: {prefill_flops / 1e9:.1f} GFLOP (XLA cost analysis; vision tower and "
         f"resampler {media_flops / 1e9:.1f}, LM and gated blocks "
         f"{(prefill_flops - media_flops) / 1e9:.1f}) at {prefill_flops / prefill_time / 1e9:.0f} "
@@ -167,7 +145,7 @@ def main(argv):
     logits, cache = prefill(model.graph, model.params, batch.images, batch.input_ids,
                             batch.attention_mask, k + 1)
     cfg = GenerationConfig(max_new_tokens=k + 1, suppress_token_ids=(config.lm.vocab_size,))
-    seconds = median_time(lambda: decode_loop(model.graph, model.params, logits, cache, cfg),
+    seconds = common.median_time(lambda: decode_loop(model.graph, model.params, logits, cache, cfg),
                           repeats)
     print(f"| {num_images} | {1e3 * seconds / k:.2f} |")
 
@@ -177,11 +155,15 @@ def main(argv):
     batch = few_shot_batch(config, b, _SHOTS + 1, length=prompt_length)
     batch = Batch(batch.input_ids, np.ones_like(batch.attention_mask), batch.images,
                   batch.media_mask)  # the filler before the demonstrations counts as text
-    seconds = median_time(lambda: prefill(model.graph, model.params, batch.images,
+    seconds = common.median_time(lambda: prefill(model.graph, model.params, batch.images,
                                           batch.input_ids, batch.attention_mask, 8)[0], repeats)
     print(f"| {prompt_length} | {1e3 * seconds:.1f} | {1e6 * seconds / (b * prompt_length):.1f} |")
-  print(f"\nafter: {load_average()}")
+  print(f"\nafter: {common.load_average()}")
+
+
+def main() -> None:
+  cli.run(benchmark, name="benchmark-generate", doc=__doc__, module=__name__)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -15,7 +15,7 @@ COMMAND: python -m benchmarks.plan_table \
     --configs=flamingo_3b,openflamingo_9b,flamingo_9b,flamingo_80b \
     --topologies=v5p:2x2x2,v5p:2x4x4,v5p:4x4x8,v5p:8x8x8 --after_fit=0
 (the defaults; add e.g. v5e:4x4,v5e:8x8,v5e:16x16 for a second generation). One paper-size compile
-takes 20-25 minutes and up to 13 GiB of memory on a 2-core host: the layers are unrolled.
+takes 18-23 minutes and up to 13 GiB of memory on a 2-core host: the layers are unrolled.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ import importlib.util
 import json
 import math
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
+
+from xattn_vlm import cli
+from xattn_vlm.plan import report
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,7 +55,8 @@ _OVERRIDES = flags.DEFINE_multi_string(
 
 @dataclasses.dataclass
 class Cell:
-  """One plan: its figures (``plan_lib.summary``), or why there are none."""
+  """One plan: its figures (``plan.report.summary``, or what does not fit), or why there are
+  none."""
   config: str
   topology: str
   mesh: dict[str, int]
@@ -148,38 +150,10 @@ def plan_all(configs: Sequence[str], preset: str, topologies: Sequence[str], aft
   return cells
 
 
-def _memory(cell: Cell) -> str:
-  figures = cell.figures
-  if not figures or "memory_bytes" not in figures:
-    state = re.search(r"the train state alone takes ([0-9.,]+ GiB)", cell.error)
-    if state:
-      return f"train state alone {state[1]} (not compiled)"
-    return "over HBM (XLA refused)" if "does not fit" in cell.error else f"error: {cell.error}"
-  used, hbm = figures["memory_bytes"] / 2**30, figures["device_memory_bytes"] / 2**30
-  return f"{used:,.1f} of {hbm:,.0f} GiB ({used / hbm:.0%})"
-
-
-def _time(seconds: float) -> str:
-  return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
-
-
-def _step(cell: Cell) -> str:
-  if not cell.fits or not cell.figures.get("step_seconds"):
-    return "-"
-  return " - ".join(_time(t) for t in cell.figures["step_seconds"])
-
-
 def row(cell: Cell, smallest: bool = False) -> str:
-  """The cell's Markdown row; ``smallest`` puts its topology in bold."""
-  figures = cell.figures or {}
-  mesh = "x".join(str(v) for v in figures.get("mesh", cell.mesh).values())
-  mfu = "-"
-  if cell.fits and figures.get("mfu"):
-    mfu = " - ".join(f"{m:.0%}" for m in figures["mfu"])
-  fits = "yes" if cell.fits else "no" if "does not fit" in cell.error or figures else "?"
-  topology = f"**{cell.topology}**" if smallest else cell.topology
-  return (f"| {cell.config} | {topology} | {chips(cell.topology)} | {mesh} | {_memory(cell)} | "
-          f"{fits} | {_step(cell)} | {mfu} | {cell.seconds:.0f} s |")
+  """The cell's Markdown row (``plan.report.table_row``); ``smallest`` puts its topology in bold."""
+  return report.table_row(cell.config, cell.topology, chips(cell.topology), cell.mesh,
+                          cell.figures or {"error": cell.error}, cell.seconds, smallest)
 
 
 def markdown(cells: Sequence[Cell]) -> str:
@@ -189,21 +163,21 @@ def markdown(cells: Sequence[Cell]) -> str:
     key = (cell.config, cell.topology.partition(":")[0])
     if cell.fits and (key not in smallest or chips(cell.topology) < chips(smallest[key])):
       smallest[key] = cell.topology
-  lines = ["| config | topology | chips | mesh (data x fsdp x tensor) | memory per chip (of HBM) "
-           "| fits | predicted step time | MFU | plan time on host |",
-           "|---|---|---:|---|---|---|---|---|---:|"]
+  lines = [report.table_header()]
   lines += [row(c, smallest.get((c.config, c.topology.partition(":")[0])) == c.topology)
             for c in cells]
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def benchmark() -> None:
   cells = plan_all(_CONFIGS.value, _PRESET.value, _TOPOLOGIES.value, _AFTER_FIT.value,
                    _OVERRIDES.value, _TIMEOUT.value)
   print(markdown(cells))
 
 
+def main() -> None:
+  cli.run(benchmark, name="benchmark-plan-table", doc=__doc__, module=__name__, skip_tpu=False)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -21,7 +21,8 @@ On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over d
 that total over the one-device matmul peak (which already uses every core).
 
 COMMAND: python -m benchmarks.train_step --steps=10 --warmup=2
-(``--noreuse_freed_memory``: without ``host.reuse_freed_memory()``, which the trainer calls too.)
+(``--noreuse_freed_memory``: without ``train.host.reuse_freed_memory()``, which the trainer
+calls too.)
 (``--devices=N`` measures N forced devices in this process; by default one subprocess runs each
 of 1 and 8.)
 """
@@ -35,10 +36,9 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
-from xattn_vlm import host
+from xattn_vlm import cli
 
 _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
@@ -48,8 +48,6 @@ _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is
 
 def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
   """Runs in a process whose XLA_FLAGS force ``devices`` host devices."""
-  if host.REUSE_FREED_MEMORY.value:
-    host.reuse_freed_memory()
   # pylint: disable=import-outside-toplevel  # jax must see this process's XLA_FLAGS first
   import jax
   import jax.numpy as jnp
@@ -117,8 +115,8 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
   return rows
 
 
-def main(argv) -> None:
-  del argv
+def benchmark() -> None:
+  reuse = flags.FLAGS.reuse_freed_memory
   steps, warmup = _STEPS.value, _WARMUP.value
   if _DEVICES.value:
     print(json.dumps(_measure(_DEVICES.value, steps, warmup)))
@@ -129,13 +127,13 @@ def main(argv) -> None:
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--devices={devices}",
                           f"--steps={steps}", f"--warmup={warmup}",
-                          f"--reuse_freed_memory={host.REUSE_FREED_MEMORY.value}"],
+                          f"--reuse_freed_memory={reuse}"],
                          cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, check=True,
                          capture_output=True, text=True).stdout
     rows += json.loads(out.strip().splitlines()[-1])
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up; "
-        f"host.reuse_freed_memory: {host.REUSE_FREED_MEMORY.value}")
+        f"host.reuse_freed_memory: {reuse}")
   print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
         "MFU back-to-back | peak per-step TFLOP/s | peak back-to-back TFLOP/s (before, after) | "
         "load average |")
@@ -148,5 +146,9 @@ def main(argv) -> None:
           f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")
 
 
+def main() -> None:
+  cli.run(benchmark, name="benchmark-train-step", doc=__doc__, module=__name__, training=True)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

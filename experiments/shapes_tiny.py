@@ -35,7 +35,6 @@ from xattn_vlm.models import config as model_config
 from xattn_vlm.train import configs
 
 RUNS = "runs/shapes_tiny"
-STAGES = ("lm_pretrain", "vision_pretrain", "flamingo")
 STEPS = {"lm_pretrain": 300, "vision_pretrain": 150, "flamingo": 500}
 LEARNING_RATES = {"lm_pretrain": 3e-3, "vision_pretrain": 1e-3, "flamingo": 1e-2}
 SMOKE_STEPS = {"lm_pretrain": 80, "vision_pretrain": 40, "flamingo": 80}
@@ -114,7 +113,7 @@ def recipe_config(smoke: bool) -> ml_collections.ConfigDict:
   evaluation.shapes.num_queries = 32 if smoke else 128
   evaluation.shapes.pool_size = 512 if smoke else 2048
   return ml_collections.ConfigDict(dict(
-      stages={stage: stage_config(stage, steps[stage]) for stage in STAGES},
+      stages={stage: stage_config(stage, steps[stage]) for stage in configs.STAGES},
       eval=evaluation,
       baseline_tasks="shapes_vqa",  # also evaluated before the Flamingo stage (gates at 0)
       grid_images=12,
@@ -128,6 +127,6 @@ def get_config(arg=None):
       raise ValueError(f"config preset {arg!r}: steps=N sets one stage's steps; the "
                        f"{settings.preset} preset fixes its own")
     return recipe_config(smoke=settings.preset == "smoke")
-  if settings.preset not in STAGES:
-    raise ValueError(f"config preset {arg!r}: expected recipe, smoke or one of {STAGES}")
+  if settings.preset not in configs.STAGES:
+    raise ValueError(f"config preset {arg!r}: expected recipe, smoke or one of {configs.STAGES}")
   return stage_config(settings.preset, settings.steps)

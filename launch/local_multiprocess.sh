@@ -19,7 +19,7 @@
 #       --config=experiments/tiny_test.py --workdir=/tmp/tiny_2proc
 #
 # Each process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID and
-# JAX_HEARTBEAT_TIMEOUT_SECONDS (read by xattn_vlm.train.distributed.initialize), JAX_PLATFORMS=cpu,
+# JAX_HEARTBEAT_TIMEOUT_SECONDS (read by xattn_vlm.distributed.initialize), JAX_PLATFORMS=cpu,
 # XLA_FLAGS forcing K host devices, and no persistent compilation cache (a process that hits it
 # while another compiles drifts ahead by more than the 30 s gloo waits for a peer). Process 0
 # writes to this terminal, the others to their log files. SIGINT/SIGTERM are forwarded to every

@@ -8,7 +8,7 @@
 # Sets JAX_COORDINATOR_ADDRESS (the job's first node, port JAX_COORDINATOR_PORT or one derived
 # from the job id), JAX_NUM_PROCESSES (SLURM_NTASKS), JAX_PROCESS_ID (SLURM_PROCID),
 # JAX_LOCAL_DEVICE_IDS (every GPU of the node: one process drives them all) and
-# JAX_HEARTBEAT_TIMEOUT_SECONDS (default 100), read by xattn_vlm.train.distributed.initialize.
+# JAX_HEARTBEAT_TIMEOUT_SECONDS (default 100), read by xattn_vlm.distributed.initialize.
 # Task 0 writes to the job's output; task i>0 to LOG_DIR/slurm-<job>-process_<i>.log
 # (LOG_DIR defaults to logs). DRY_RUN=1 prints the environment and command instead.
 set -euo pipefail

@@ -6,10 +6,11 @@ import pickle
 import numpy as np
 import pytest
 
+from xattn_vlm.data import default_tokenizer
+from xattn_vlm.data.shapes import records as shapes_records
 from xattn_vlm.data import features
 from xattn_vlm.data import pipeline
 from xattn_vlm.data import sources
-from xattn_vlm.data import tokenizer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -29,11 +30,11 @@ class PatchMeans:
 
 @pytest.fixture(name="setup")
 def fixture_setup(tmp_path):
-  world = sources.ShapesWorld("interleaved", num_records=3, image_size=8, min_images=2,
+  world = shapes_records.ShapesWorld("interleaved", num_records=3, image_size=8, min_images=2,
                               max_images=3)
   # Record 0 twice (its images are encoded once); documents of 3 images > max_images=2.
   records = [world[0], world[1], world[0], world[2]]
-  transform = pipeline.ExampleTransform(tokenizer.default_tokenizer(), max_tokens=40,
+  transform = pipeline.ExampleTransform(default_tokenizer(), max_tokens=40,
                                         max_images=2, image_size=8, mean=MEAN, std=STD)
   encoder = PatchMeans()
   cache = features.build_feature_cache(
@@ -75,7 +76,7 @@ def test_cached_examples_equal_pixel_examples_but_for_the_features(setup):
 
 def test_uncached_images_are_skipped_and_counted_in_the_pipeline(setup):
   records, transform, _, cache = setup
-  stranger = sources.ShapesWorld("caption", num_records=1, image_size=8, seed=9)[0]
+  stranger = shapes_records.ShapesWorld("caption", num_records=1, image_size=8, seed=9)[0]
   cached = features.CachedFeaturesTransform(transform.tokenizer, cache, max_tokens=40,
                                             max_images=2)
   iterator = pipeline.batch_iterator([stranger, *records, records[1]], cached, batch_size=2,

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from test_train import tiny
+from helpers import tiny
 from xattn_vlm.data import features
 from xattn_vlm.train import feature_cache
 from xattn_vlm.train import input_pipeline
@@ -22,7 +22,7 @@ SMALL = {"data.datasets.docs.num_records": 32, "data.datasets.pairs.num_records"
 def vision_workdir(tmp_path_factory):
   """A one-step vision_pretrain run: the tower the Flamingo stage loads and freezes."""
   workdir = tmp_path_factory.mktemp("vision")
-  trainer.train_and_evaluate(tiny("vision_pretrain", total_steps=1), str(workdir))
+  trainer.train(tiny("vision_pretrain", total_steps=1), str(workdir))
   return str(workdir)
 
 
@@ -45,7 +45,7 @@ def test_training_on_cached_features_equals_running_the_tower(vision_workdir, tm
   assert cache.shape == (4, 24) and len(cache) > 32
   assert cache.encoder == {"setting": "config.init.vision_workdir",
                            "path": os.path.abspath(vision_workdir), "step": 1}
-  trainer.train_and_evaluate(config, str(tmp_path / "pixels"))
+  trainer.train(config, str(tmp_path / "pixels"))
 
   cached = tiny(**SMALL, **{"init.vision_workdir": vision_workdir,
                             "data.feature_cache": str(tmp_path / "cache")})
@@ -53,7 +53,7 @@ def test_training_on_cached_features_equals_running_the_tower(vision_workdir, tm
   batch = next(iterator)["docs"]
   iterator.close()
   assert "features" in batch and "images" not in batch
-  trainer.train_and_evaluate(cached, str(tmp_path / "cached"))
+  trainer.train(cached, str(tmp_path / "cached"))
 
   want, got = _losses(tmp_path / "pixels"), _losses(tmp_path / "cached")
   assert len(want) == 3 and [r.keys() for r in got] == [r.keys() for r in want]
@@ -62,7 +62,7 @@ def test_training_on_cached_features_equals_running_the_tower(vision_workdir, tm
       np.testing.assert_allclose(row_got[key], row_want[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
   # The tower trains on: the cache holds the old tower's features and no longer fits.
-  trainer.train_and_evaluate(tiny("vision_pretrain", total_steps=2), vision_workdir)
+  trainer.train(tiny("vision_pretrain", total_steps=2), vision_workdir)
   with pytest.raises(ValueError, match=r"config\.data\.feature_cache=.* was built by the vision "
                                        r"tower .*'step': 1\}, but this config freezes .*'step': 2\}"):
     input_pipeline.create_iterator(cached)

@@ -1,4 +1,5 @@
-"""The Flamingo composition: DESIGN.md's fixed semantics, each pinned by a test that fails if it breaks."""
+"""The Flamingo composition: the fixed semantics of docs/model.md, each pinned by a test that fails
+if it breaks."""
 
 import jax
 import jax.numpy as jnp
@@ -245,8 +246,8 @@ def test_media_mask_count_mismatch(model):
 
 @pytest.mark.parametrize("name", sorted(model_config.PRESETS))
 def test_every_preset_eval_shape_and_trainable_split(name):
-  from xattn_vlm.models import summary
-  counts = summary.count_parameters(model_config.get_model_config(name))
+  from xattn_vlm.models import parameters
+  counts = parameters.count_parameters(model_config.get_model_config(name))
   assert counts["trainable"] == (counts["resampler"] + counts["gated_blocks"] + counts["added"])
   assert counts["frozen"] == counts["lm"] + counts["vision"]
   assert counts["trainable"] > 0 and counts["frozen"] > counts["gated_blocks"]

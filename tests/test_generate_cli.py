@@ -14,4 +14,4 @@ def test_fresh_model_from_a_preset_matches_its_processor():
 
 def test_checkpoint_without_checkpoints_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="holds no checkpoint"):
-    prompt.load_model(str(tmp_path))
+    prompt.build(str(tmp_path), None, None, seed=0)

@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # every call maps it afresh. The first 20 calls let the heap grow to its steady size.
 _SCRIPT = """
 import resource, sys
-from xattn_vlm import host
+from xattn_vlm.train import host
 print(host.reuse_freed_memory() if sys.argv[1] == "reuse" else False)
 import jax
 import jax.numpy as jnp

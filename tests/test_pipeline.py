@@ -15,35 +15,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from xattn_vlm.data import default_tokenizer
+from xattn_vlm.data.shapes import records as shapes_records
 from xattn_vlm.data import pipeline
 from xattn_vlm.data import sources
-from xattn_vlm.data import tokenizer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def write_pairs(folder: pathlib.Path, count: int) -> None:
-  """``count`` JPEG + caption pairs, plus one corrupt JPEG and one empty caption."""
-  folder.mkdir(parents=True, exist_ok=True)
-  for i in range(count):
-    pixels = np.random.default_rng(i).integers(0, 256, (10, 14, 3), dtype=np.uint8)
-    PIL.Image.fromarray(pixels).save(folder / f"{i:03d}.jpg")
-    (folder / f"{i:03d}.txt").write_text(f"a red circle number {i}")
-  (folder / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-  (folder / "bad.txt").write_text("a corrupt image")
-  PIL.Image.new("RGB", (8, 8)).save(folder / "empty.jpg")
-  (folder / "empty.txt").write_text("  ")
-
-
-def folder_pipeline(folder, batch_size=4, **kwargs) -> pipeline.BatchIterator:
-  """The pipeline the resume test runs in two processes: real decode, tokenizer and layout."""
-  transform = pipeline.ExampleTransform(tokenizer.default_tokenizer(), max_tokens=12,
-                                        max_images=1, image_size=8, mean=CLIP_MEAN, std=CLIP_STD)
-  return pipeline.batch_iterator(sources.ImageTextFolder(folder), transform,
-                                 batch_size=batch_size, seed=7, process_index=0, process_count=1,
-                                 **kwargs)
-
+from helpers import CLIP_MEAN, CLIP_STD, REPO, folder_pipeline, write_pairs
 
 def index_example(record):
   return {"index": np.asarray(record["index"], np.int32)}
@@ -57,9 +34,9 @@ _RESUME_SCRIPT = """
 import sys
 import grain, numpy as np, orbax.checkpoint as ocp
 sys.path.insert(0, {tests!r})
-import test_pipeline
+import helpers
 folder, checkpoints, out, steps = sys.argv[1:]
-iterator = test_pipeline.folder_pipeline(folder)
+iterator = helpers.folder_pipeline(folder)
 manager = ocp.CheckpointManager(checkpoints)
 manager.restore(manager.latest_step(),
                 args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
@@ -131,7 +108,7 @@ def test_bad_records_are_skipped_counted_and_never_batched(tmp_path):
   (tmp_path / "pairs" / "006.txt").write_text("deleted after indexing")
   iterator = folder_pipeline(tmp_path / "pairs", batch_size=3, shuffle=False, num_epochs=1)
   (tmp_path / "pairs" / "006.jpg").unlink()
-  tok = tokenizer.default_tokenizer()
+  tok = default_tokenizer()
 
   batches = list(iterator)  # 9 records, 4 bad: one full batch of 3, then 2 left over
 
@@ -144,8 +121,8 @@ def test_bad_records_are_skipped_counted_and_never_batched(tmp_path):
 
 
 def test_worker_processes_give_the_same_batches_and_share_the_state():
-  source = sources.ShapesWorld("interleaved", num_records=12, image_size=8, max_images=2)
-  transform = pipeline.ExampleTransform(tokenizer.default_tokenizer(), max_tokens=24,
+  source = shapes_records.ShapesWorld("interleaved", num_records=12, image_size=8, max_images=2)
+  transform = pipeline.ExampleTransform(default_tokenizer(), max_tokens=24,
                                         max_images=2, image_size=8, mean=CLIP_MEAN, std=CLIP_STD)
   kwargs = dict(batch_size=4, seed=1, process_index=0, process_count=1)
   in_process = pipeline.batch_iterator(source, transform, **kwargs)

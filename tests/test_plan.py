@@ -9,21 +9,24 @@ import jax
 import numpy as np
 import pytest
 
-from test_train import MESH_222, REPO, SGD, experiment_config, tiny
+from helpers import MESH_222, REPO, SGD, experiment_config, tiny
+from xattn_vlm.plan import analytic
+from xattn_vlm.plan import compile as compile_lib
+from xattn_vlm.plan import plans
+from xattn_vlm.plan import report
 from xattn_vlm.train import input_pipeline
-from xattn_vlm.train import plan_lib
 from xattn_vlm.train import sharding as sharding_lib
 
 
 @pytest.fixture(scope="module")
 def tpu_plan():
   """The tiny config's step compiled for a TPU v5e 2x2 slice (4 chips)."""
-  return plan_lib.compile_plan(tiny(), plan_lib.tpu_devices("v5e:2x2"), "TPU topology v5e:2x2")
+  return compile_lib.compile_plan(tiny(), compile_lib.tpu_devices("v5e:2x2"), "TPU topology v5e:2x2")
 
 
 def test_printed_memory_is_xla_memory_analysis(tpu_plan):
   stats = tpu_plan.compiled.memory_analysis()
-  text = plan_lib.report(tpu_plan)
+  text = report.report(tpu_plan)
   print(text)
   rows = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
           "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
@@ -34,7 +37,7 @@ def test_printed_memory_is_xla_memory_analysis(tpu_plan):
            + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
   assert re.search(rf"^  total +{total:,} B .* of 16\.00 GiB HBM per device .*-> fits$", text,
                    re.M)
-  assert tpu_plan.device_flops == plan_lib.cost_analysis(tpu_plan.compiled)["flops"] > 0
+  assert tpu_plan.device_flops == compile_lib.cost_analysis(tpu_plan.compiled)["flops"] > 0
   assert "mesh: data 4 x fsdp 1 x tensor 1 = 4 devices" in text
   assert re.search(r"^  lm/token_embed/embedding \(1024, 32\) -> P\(", text, re.M)
   assert re.search(r"^compute per step: [0-9.]+ m?s \[XLA's cost model", text, re.M)
@@ -45,14 +48,14 @@ def test_printed_memory_is_xla_memory_analysis(tpu_plan):
 
 def test_unknown_topology_names_the_flag():
   with pytest.raises(ValueError, match=r"--topology='v9z:2x2': libtpu cannot describe it"):
-    plan_lib.tpu_devices("v9z:2x2")
+    compile_lib.tpu_devices("v9z:2x2")
 
 
 def test_abstract_batches_are_what_the_pipeline_yields():
   config = tiny()
   mesh = sharding_lib.create_mesh(config.mesh)
   rules = sharding_lib.parse_rules(config.sharding.rules)
-  abstract = plan_lib.abstract_batches(config, mesh, rules)
+  abstract = input_pipeline.abstract_batches(config, mesh, rules)
   iterator = input_pipeline.create_iterator(config, process_index=0, process_count=1)
   real = next(iterator)
   iterator.close()
@@ -67,10 +70,10 @@ def test_analytic_state_and_batch_bytes_equal_xla_arguments_on_cpu():
   """On CPU (no padding) the analytic argument bytes, from the shardings alone, are XLA's within
   a few scalars (XLA counts 24 bytes fewer here)."""
   config = tiny(**MESH_222, **SGD)  # test_train's sharded run: its compiled step is cached
-  compiled = plan_lib.compile_plan(config, jax.devices(), "8 CPU devices")
-  analytic = plan_lib.analytic_plan(config, "H100", 8)
+  compiled = compile_lib.compile_plan(config, jax.devices(), "8 CPU devices")
+  estimate = analytic.analytic_plan(config, "H100", 8)
   assert compiled.chip is None and compiled.fits
-  assert 0 <= analytic.memory.arguments - compiled.memory.arguments <= 4 * 8
+  assert 0 <= estimate.memory.arguments - compiled.memory.arguments <= 4 * 8
 
 
 @pytest.mark.slow
@@ -100,7 +103,7 @@ def test_gpu_estimate_is_labelled_and_a_step_that_does_not_fit_exits_1():
 
 def test_gpu_estimate_of_80b_on_1024_h100s_fits():
   config = experiment_config("flamingo_80b", "mesh=gpu")
-  plan = plan_lib.analytic_plan(config, "H100", 1024)
+  plan = analytic.analytic_plan(config, "H100", 1024)
   assert plan.mesh_shape == {"data": 1, "fsdp": 128, "tensor": 8}
   assert plan.fits and 0 < plan.mfu[0] <= plan.mfu[1] < 1
   # The frozen LM's largest matrices are sharded over both fsdp and tensor.
@@ -111,31 +114,32 @@ def test_cli_needs_exactly_one_target():
   result = subprocess.run(
       [sys.executable, "-m", "xattn_vlm.plan", "--config=experiments/tiny_test.py",
        "--gpu=H100:8", "--cpu_devices=8"], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert "expected exactly one of --topology, --cpu_devices, --gpu" in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("xattn-plan: error: expected exactly one of --topology, "
+                                   "--cpu_devices, --gpu; got ['--cpu_devices', '--gpu']")
 
 
 def test_a_train_state_larger_than_hbm_is_refused_before_compiling():
   """Flamingo-80B's f32 state on 4 v5e chips without fsdp: exact bytes from the shardings."""
   config = experiment_config("flamingo_80b", "mesh=tpu")
   config.mesh.update(data=4, fsdp=1, tensor=1)
-  with pytest.raises(plan_lib.DoesNotFitError,
+  with pytest.raises(plans.DoesNotFitError,
                      match=r"the train state alone takes [0-9,.]+ GiB per device on v5e:2x2, "
                            r"which has 16\.00 GiB \(not compiled\)"):
-    plan_lib.compile_plan(config, plan_lib.tpu_devices("v5e:2x2"), "v5e:2x2")
+    compile_lib.compile_plan(config, compile_lib.tpu_devices("v5e:2x2"), "v5e:2x2")
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_with_no_batch_dims_saveable"])
 def test_the_train_step_compiles_under_remat(remat):
   """Remat'd blocks inside the jitted, sharded train step (the paper configs use ``full``)."""
   config = tiny(**{"model.remat": remat})
-  compiled = plan_lib.compile_plan(config, jax.devices()[:1], "1 CPU device")
+  compiled = compile_lib.compile_plan(config, jax.devices()[:1], "1 CPU device")
   assert compiled.fits and compiled.device_flops > 0
 
 
 def test_analytic_plan_counts_recomputation_only_under_remat():
-  none = plan_lib.analytic_plan(tiny(**{"model.remat": "none"}), "H100", 8)
-  full = plan_lib.analytic_plan(tiny(**{"model.remat": "full"}), "H100", 8)
+  none = analytic.analytic_plan(tiny(**{"model.remat": "none"}), "H100", 8)
+  full = analytic.analytic_plan(tiny(**{"model.remat": "full"}), "H100", 8)
   assert none.model_flops == full.model_flops
   assert none.device_flops * 8 == pytest.approx(none.model_flops)
   assert full.device_flops > none.device_flops

@@ -1,13 +1,6 @@
 """``benchmarks/plan_table.py``: the README's table of plans over configs and TPU topologies."""
 
-import importlib.util
-import sys
-
-from test_train import REPO
-
-_SPEC = importlib.util.spec_from_file_location("plan_table", REPO / "benchmarks" / "plan_table.py")
-plan_table = sys.modules["plan_table"] = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(plan_table)
+from benchmarks import plan_table
 
 
 def test_fitted_mesh_keeps_tensor_and_caps_fsdp():

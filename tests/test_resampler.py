@@ -1,4 +1,4 @@
-"""Perceiver resampler semantics (DESIGN.md, "Resampler"): shapes, independence of media, video
+"""Perceiver resampler semantics (docs/model.md, "Resampler"): shapes, independence of media, video
 frames flattened into one medium, frame-time embeddings interpolated for longer clips."""
 
 import jax

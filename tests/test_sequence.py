@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import tokenizers
 
-from xattn_vlm.data import images, sequence, shapes_world
+from xattn_vlm.data import images, sequence
+from xattn_vlm.data.shapes import world as shapes_world
 from xattn_vlm.data.sequence import IGNORE_INDEX
-from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
+from xattn_vlm.data.shapes.tokenizer import default_tokenizer
+from xattn_vlm.data.tokenizer import Tokenizer
 
 WORDS = ("<|endoftext|>", "<s>", "p", "q", "a", "b", "c", "d", "e")
 SHAPE = (1, 2, 2, 3)  # [F, H, W, C] of the test images

@@ -11,39 +11,18 @@ import sys
 import numpy as np
 import pytest
 
-from xattn_vlm.data import shapes_world as sw
+from xattn_vlm.data.shapes import world as sw
+
+from helpers import all_generators, fingerprint
 
 # chi-square critical values at p = 0.001 by degrees of freedom
 CHI2_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 7: 24.32, 63: 103.4}
 
 
-def fingerprint(item) -> str:
-  """sha256 over an item's text and image bytes, recursively."""
-  digest = hashlib.sha256()
-  def add(value):
-    if isinstance(value, dict):
-      for key in sorted(value):
-        digest.update(key.encode())
-        add(value[key])
-    elif isinstance(value, (list, tuple)):
-      for v in value:
-        add(v)
-    elif isinstance(value, np.ndarray):
-      digest.update(value.tobytes())
-    else:
-      digest.update(repr(value).encode())
-  add(item)
-  return digest.hexdigest()
-
-
-def all_generators(seed: int, index: int) -> list:
-  return [sw.GENERATORS[name]("test", seed, index) for name in sorted(sw.GENERATORS)]
-
-
 _FINGERPRINT_SCRIPT = """
 import sys
 sys.path.insert(0, {path!r})
-from tests.test_shapes_world import all_generators, fingerprint
+from helpers import all_generators, fingerprint
 print(fingerprint([all_generators(7, i) for i in range(3)]))
 """
 
@@ -52,7 +31,7 @@ def test_same_seed_gives_the_same_bytes_even_in_another_process():
   here = fingerprint([all_generators(7, i) for i in range(3)])
   assert here == fingerprint([all_generators(7, i) for i in range(3)])
   assert here != fingerprint([all_generators(8, i) for i in range(3)])
-  root = str(pathlib.Path(__file__).resolve().parent.parent)
+  root = str(pathlib.Path(__file__).resolve().parent)
   other = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT.format(path=root)],
                          check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONHASHSEED="12345")).stdout.strip()

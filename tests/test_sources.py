@@ -10,8 +10,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from xattn_vlm.data.shapes import records as shapes_records
 from xattn_vlm.data import images
-from xattn_vlm.data import shapes_world
+from xattn_vlm.data.shapes import world as shapes_world
 from xattn_vlm.data import sources
 
 
@@ -242,8 +243,8 @@ def test_imagenet_class_folders_with_synset_mapping(tmp_path):
 
 
 def test_shapes_world_source_is_deterministic():
-  first = sources.ShapesWorld("interleaved", num_records=4, seed=3, image_size=16)
-  again = sources.ShapesWorld("interleaved", num_records=4, seed=3, image_size=16)
+  first = shapes_records.ShapesWorld("interleaved", num_records=4, seed=3, image_size=16)
+  again = shapes_records.ShapesWorld("interleaved", num_records=4, seed=3, image_size=16)
 
   a, b = first[2], again[2]
   assert [c for c in a["chunks"] if isinstance(c, str)] == [
@@ -253,7 +254,7 @@ def test_shapes_world_source_is_deterministic():
       a["chunks"].index(refs[0]))
   np.testing.assert_array_equal(refs[0].array, [c for c in b["chunks"]
                                                 if isinstance(c, sources.ImageRef)][0].array)
-  vqa = sources.ShapesWorld("vqa", num_records=1, image_size=16)[0]["chunks"]
+  vqa = shapes_records.ShapesWorld("vqa", num_records=1, image_size=16)[0]["chunks"]
   item = shapes_world.vqa_example("train", 0, 0, image_size=16)
   assert vqa[1:] == [f"Question:{item['question']} Short answer:", item["answer"]]
   assert "".join(vqa[1:]) == shapes_world.QA_FORMAT.format(question=item["question"],
@@ -261,16 +262,16 @@ def test_shapes_world_source_is_deterministic():
 
 
 @pytest.mark.parametrize("make, argument", [
-    (lambda p: sources.ImageTextFolder(p / "nope"), "root"),
-    (lambda p: sources.WebDatasetTars([p / "nope.tar"]), "shards"),
-    (lambda p: sources.MMC4Documents(p / "nope.jsonl", p), "jsonl"),
+    (lambda p: sources.ImageTextFolder(p / "nope"), "path"),
+    (lambda p: sources.WebDatasetTars([p / "nope.tar"]), "path"),
+    (lambda p: sources.MMC4Documents(p / "nope.jsonl", p), "path"),
     (lambda p: sources.KarpathyCaptions(p / "nope.json", p, split="test"), "annotation_file"),
     (lambda p: sources.VqaQuestions(p / "nope.json", p), "questions_file"),
     (lambda p: sources.TextVqa(p / "nope.json", p), "annotation_file"),
     (lambda p: sources.VizWiz(p / "nope.json", p), "annotation_file"),
     (lambda p: sources.HatefulMemes(p / "nope.jsonl"), "jsonl_file"),
     (lambda p: sources.ImageClassFolders(p / "nope"), "root"),
-    (lambda p: sources.ArrayRecordRecords(p / "nope.array_record"), "paths"),
+    (lambda p: sources.ArrayRecordRecords(p / "nope.array_record"), "path"),
 ])
 def test_missing_dataset_path_fails_at_construction_naming_it(tmp_path, make, argument):
   with pytest.raises(FileNotFoundError) as error:
@@ -302,19 +303,19 @@ def test_array_record_round_trip_keeps_text_image_bytes_and_keys(tmp_path):
   write_jpeg(tmp_path / "pairs" / "b.jpg", 1)
   (tmp_path / "pairs" / "b.txt").write_text("")  # fails on read: skipped while writing
   folder = sources.ImageTextFolder(tmp_path / "pairs")
-  world = sources.ShapesWorld("interleaved", num_records=2, image_size=8)
+  world = shapes_records.ShapesWorld("interleaved", num_records=2, image_size=8)
 
   assert sources.write_array_record(folder, tmp_path / "pairs.array_record") == 1
   assert sources.write_array_record(world, tmp_path / "world.array_record") == 2
-  records = sources.ArrayRecordRecords([tmp_path / "pairs.array_record",
+  stored = sources.ArrayRecordRecords([tmp_path / "pairs.array_record",
                                         tmp_path / "world.array_record"])
 
-  assert len(records) == 3
-  pair = records[0]
+  assert len(stored) == 3
+  pair = stored[0]
   assert pair["id"] == "a" and pair["chunks"][1] == "a caption"
   assert pair["chunks"][0].key == str(tmp_path / "pairs" / "a.jpg")
   assert pair["chunks"][0].data == (tmp_path / "pairs" / "a.jpg").read_bytes()
-  for original, copy in zip((world[0], world[1]), (records[1], records[2])):
+  for original, copy in zip((world[0], world[1]), (stored[1], stored[2])):
     assert copy["id"] == original["id"] and len(copy["chunks"]) == len(original["chunks"])
     for want, have in zip(original["chunks"], copy["chunks"]):
       if isinstance(want, str):

@@ -5,9 +5,10 @@ import pytest
 import tokenizers
 import transformers
 
-from xattn_vlm.data import shapes_world
-from xattn_vlm.data import tokenizer as tokenizer_lib
-from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
+from xattn_vlm.data.shapes import tokenizer as shapes_tokenizer
+from xattn_vlm.data.shapes import world as shapes_world
+from xattn_vlm.data.shapes.tokenizer import default_tokenizer
+from xattn_vlm.data.tokenizer import Tokenizer
 
 TEXTS = ["A large red striped star on the left.",
          "Question:What colour is the circle? Short answer:blue",
@@ -26,7 +27,7 @@ def tok(cache):
 
 
 def test_default_tokenizer_special_tokens(tok):
-  assert tok.lm_vocab_size == tokenizer_lib.DEFAULT_VOCAB_SIZE == 1024
+  assert tok.lm_vocab_size == shapes_tokenizer.VOCAB_SIZE == 1024
   assert tok.vocab_size == tok.lm_vocab_size + 2
   assert (tok.media_token_id, tok.eoc_token_id) == (tok.lm_vocab_size, tok.lm_vocab_size + 1)
   assert tok.encode("<image>") == [tok.media_token_id]
@@ -59,12 +60,23 @@ def test_default_tokenizer_is_deterministic_and_cached(cache, tok, tmp_path, mon
   assert first.name == second.name and first.read_bytes() == second.read_bytes()
   assert other.encode(TEXTS[0]) == tok.encode(TEXTS[0])
 
-  def no_training():
+  def no_training(corpus):
     raise AssertionError("the cached tokenizer was retrained")
-  monkeypatch.setattr(tokenizer_lib, "train_default_tokenizer", no_training)
+  monkeypatch.setattr(shapes_tokenizer, "train_bpe", no_training)
   assert default_tokenizer(cache_dir=cache).encode(TEXTS[1]) == tok.encode(TEXTS[1])
-  monkeypatch.setenv(tokenizer_lib.CACHE_ENV, str(cache))
+  monkeypatch.setenv(shapes_tokenizer.CACHE_ENV, str(cache))
   assert default_tokenizer().encode(TEXTS[1]) == tok.encode(TEXTS[1])
+
+
+def test_default_tokenizer_cache_follows_the_worlds_text(cache, tmp_path, monkeypatch):
+  """The cache is keyed by the corpus the BPE learns from: a world whose text changed retrains,
+  whatever its source file's bytes."""
+  (cached,) = cache.glob("shapes_bpe_*.json")
+  (tmp_path / cached.name).write_bytes(cached.read_bytes())
+  corpus = shapes_world.text_corpus(shapes_tokenizer.CORPUS_SIZE)
+  monkeypatch.setattr(shapes_world, "text_corpus", lambda n: corpus[:-1] + ["a changed text"])
+  default_tokenizer(cache_dir=tmp_path)
+  assert len(list(tmp_path.glob("shapes_bpe_*.json"))) == 2
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +92,8 @@ def hf_folder(cache, tok, tmp_path_factory):
 
 def test_from_pretrained_matches_default(hf_folder, tok):
   """The BPE has at most the default LM vocabulary's tokens; the vocabulary pads the rest."""
-  assert Tokenizer.from_pretrained(hf_folder).lm_vocab_size <= tokenizer_lib.DEFAULT_VOCAB_SIZE
-  hf = Tokenizer.from_pretrained(hf_folder, lm_vocab_size=tokenizer_lib.DEFAULT_VOCAB_SIZE)
+  assert Tokenizer.from_pretrained(hf_folder).lm_vocab_size <= shapes_tokenizer.VOCAB_SIZE
+  hf = Tokenizer.from_pretrained(hf_folder, lm_vocab_size=shapes_tokenizer.VOCAB_SIZE)
   assert (hf.lm_vocab_size, hf.media_token_id, hf.eoc_token_id, hf.eos_token_id) == (
       tok.lm_vocab_size, tok.media_token_id, tok.eoc_token_id, tok.eos_token_id)
   for text in TEXTS:

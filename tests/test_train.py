@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.models import flamingo as flamingo_lib
+from xattn_vlm import checkpoint
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import metrics as metrics_lib
@@ -25,46 +26,13 @@ from xattn_vlm.train import sharding as sharding_lib
 from xattn_vlm.train import stages
 from xattn_vlm.train import trainer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def experiment_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def tiny(preset: str = "flamingo", **overrides) -> ml_collections.ConfigDict:
-  """experiments/tiny_test.py with dotted overrides, e.g. ``**{"mesh.data": 2}``."""
-  config = experiment_config("tiny_test", preset)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
-def leaves(params) -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_leaves_with_path(params)
-  return {sharding_lib.path_name(path): np.asarray(x) for path, x in flat}
-
-
-def losses(workdir) -> list[float]:
-  return [row["loss"] for row in metrics_lib.read_metrics(str(workdir))]
-
-
-MESH_222 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-SGD = {"optimizer.name": "sgd", "optimizer.learning_rate": 0.5}
-
+from helpers import MESH_222, REPO, SGD, experiment_config, leaves, losses, tiny
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
   """3 SGD steps of the Flamingo stage on mesh (2, 2, 2)."""
   workdir = tmp_path_factory.mktemp("sharded")
-  state = trainer.train_and_evaluate(tiny(**MESH_222, **SGD), str(workdir))
+  state = trainer.train(tiny(**MESH_222, **SGD), str(workdir))
   return workdir, state
 
 
@@ -72,7 +40,7 @@ def test_sharded_equals_single_device(sharded_run, tmp_path):
   """Mesh (2, 2, 2) vs one device, the latter also accumulating 2 microbatches per dataset: the
   same losses and parameters (up to float reassociation)."""
   workdir, sharded = sharded_run
-  single = trainer.train_and_evaluate(
+  single = trainer.train(
       tiny(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "microbatches": 2}, **SGD),
       str(tmp_path))
   assert len(jax.tree.leaves(single.params)[0].sharding.device_set) == 1
@@ -90,7 +58,7 @@ def test_sharded_equals_single_device(sharded_run, tmp_path):
 def test_restore_onto_another_mesh(sharded_run):
   """The (2, 2, 2) run's last checkpoint restored onto mesh (1, 4, 2): bit-identical params."""
   workdir, sharded = sharded_run
-  restored = trainer.train_and_evaluate(
+  restored = trainer.train(
       tiny(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}, **SGD), str(workdir))
   kernel = restored.params["lm"]["blocks"][0]["mlp"]["up"]["kernel"][...]
   assert dict(kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
@@ -111,7 +79,7 @@ def test_corrupt_latest_checkpoint_falls_back(sharded_run, tmp_path, caplog):
   assert data_files
   for path in data_files:
     path.write_bytes(b"garbage" * 10)
-  state = trainer.train_and_evaluate(tiny(**MESH_222, **SGD), str(copy))
+  state = trainer.train(tiny(**MESH_222, **SGD), str(copy))
   assert "checkpoint step 3" in caplog.text and "cannot be restored" in caplog.text
   assert (copy / "checkpoints_corrupt" / "3").is_dir()
   assert sorted(p.name for p in (copy / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
@@ -125,7 +93,7 @@ def test_incompatible_workdir_fails_at_start(sharded_run):
   config = tiny(**MESH_222, **SGD)
   config.model.lm.num_layers = 3
   with pytest.raises(ValueError, match=r"different model.*config\.model\.lm\.num_layers: saved 2"):
-    trainer.train_and_evaluate(config, str(workdir))
+    trainer.train(config, str(workdir))
 
 
 def test_another_mixture_fails_at_start_and_keeps_the_checkpoints(sharded_run):
@@ -138,7 +106,7 @@ def test_another_mixture_fails_at_start_and_keeps_the_checkpoints(sharded_run):
   config.data.datasets = datasets
   steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   with pytest.raises(ValueError, match=r"config\.data\.datasets now names \['captions', 'docs'\]"):
-    trainer.train_and_evaluate(config, str(workdir))
+    trainer.train(config, str(workdir))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
   assert not (workdir / "checkpoints_corrupt").exists()
 
@@ -148,7 +116,7 @@ def test_frozen_weights_stay_bit_identical(tmp_path):
   moments exist for exactly the trainable parameters."""
   config = tiny()
   initial = leaves(trainer.create_train_state(trainer.setup(config)).params)
-  state = trainer.train_and_evaluate(config, str(tmp_path))
+  state = trainer.train(config, str(tmp_path))
   final = leaves(state.params)
   frozen = leaves(nnx.filter_state(state.params, flamingo_lib.frozen))
   trainable = leaves(nnx.filter_state(state.params, flamingo_lib.trainable))
@@ -201,14 +169,14 @@ def test_nan_batch_is_skipped(tmp_path, monkeypatch):
   monkeypatch.setattr(input_pipeline, "create_iterator",
                       lambda config: _NaNImages(create(config), [2]))
   config = tiny(**{"checkpoint.every_steps": 1})
-  state = trainer.train_and_evaluate(config, str(tmp_path))
+  state = trainer.train(config, str(tmp_path))
   assert int(state.skipped) == 1 and int(state.step) == 3
   rows = metrics_lib.read_metrics(str(tmp_path))
   assert [r["skipped"] for r in rows] == [0, 1, 1]
   assert not np.isfinite(rows[1]["loss"]) and np.isfinite(rows[2]["loss"])
 
   s = trainer.setup(config)
-  target = checkpoint_lib.abstract_with_shardings(s.abstract_state.params, s.state_sharding.params)
+  target = checkpoint.abstract_with_shardings(s.abstract_state.params, s.state_sharding.params)
   tree = {"params": target}
   restore = ocp.args.Composite(state=ocp.args.PyTreeRestore(
       tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree), partial_restore=True))
@@ -225,7 +193,7 @@ def test_nan_batch_is_skipped(tmp_path, monkeypatch):
                       lambda config: _NaNImages(create(config), ["all"]))
   config = tiny(**{"max_nonfinite_in_a_row": 2, "total_steps": 5})
   with pytest.raises(FloatingPointError, match=r"2 steps in a row.*max_nonfinite_in_a_row=2"):
-    trainer.train_and_evaluate(config, str(tmp_path / "all_nan"))
+    trainer.train(config, str(tmp_path / "all_nan"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -240,7 +208,7 @@ def test_nan_batch_is_skipped(tmp_path, monkeypatch):
 def test_bad_config_fails_at_start(tmp_path, overrides, message):
   config = tiny(**overrides)
   with pytest.raises(ValueError, match=message):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    trainer.train(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
@@ -325,7 +293,7 @@ def test_a_relative_workdir_trains_saves_and_loads(tmp_path, monkeypatch):
   """``--workdir=runs/...`` as the README writes it (Orbax itself refuses relative paths)."""
   monkeypatch.chdir(tmp_path)
   config = tiny(**{"total_steps": 2, "checkpoint.every_steps": 1})
-  trainer.train_and_evaluate(config, "runs/relative")
+  trainer.train(config, "runs/relative")
   assert sorted(p.name for p in (tmp_path / "runs/relative/checkpoints").iterdir()) == ["1", "2"]
-  model = checkpoint_lib.load_flamingo("runs/relative")
+  model = checkpoint.load_flamingo("runs/relative")
   assert model.config.lm.num_layers == config.model.lm.num_layers

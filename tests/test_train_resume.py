@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from test_train import leaves, tiny
+from helpers import leaves, tiny
 from xattn_vlm.train import metrics as metrics_lib
 from xattn_vlm.train import trainer
 
@@ -62,7 +62,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path):
   """Killed with SIGKILL at a random step, restarted, stopped with SIGTERM (it saves the step it
   reached and exits 0 within seconds), restarted again to the end: the final parameters are
   bit-identical to an uninterrupted run's, data order included."""
-  reference = trainer.train_and_evaluate(tiny(**OVERRIDES), str(tmp_path / "reference"))
+  reference = trainer.train(tiny(**OVERRIDES), str(tmp_path / "reference"))
   workdir = tmp_path / "run"
   kill_at = random.randint(2, STEPS - 3)
   print(f"SIGKILL after step {kill_at}")
@@ -90,7 +90,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path):
   process = _start(workdir, log)
   assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
   assert _checkpoint_steps(workdir)[-1] == STEPS
-  resumed = trainer.train_and_evaluate(tiny(**OVERRIDES), str(workdir))  # restores, no steps
+  resumed = trainer.train(tiny(**OVERRIDES), str(workdir))  # restores, no steps
   expected, got = leaves(reference.params), leaves(resumed.params)
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

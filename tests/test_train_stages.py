@@ -4,7 +4,7 @@ contrastive vision pretraining, then Flamingo with both towers loaded from those
 import numpy as np
 import pytest
 
-from test_train import leaves, tiny
+from helpers import leaves, tiny
 from xattn_vlm.train import metrics as metrics_lib
 from xattn_vlm.train import trainer
 
@@ -12,8 +12,8 @@ from xattn_vlm.train import trainer
 @pytest.mark.slow
 def test_three_stages_chain(tmp_path):
   steps = {"total_steps": 2}
-  lm = trainer.train_and_evaluate(tiny("lm_pretrain", **steps), str(tmp_path / "lm"))
-  dual = trainer.train_and_evaluate(tiny("vision_pretrain", **steps), str(tmp_path / "vision"))
+  lm = trainer.train(tiny("lm_pretrain", **steps), str(tmp_path / "lm"))
+  dual = trainer.train(tiny("vision_pretrain", **steps), str(tmp_path / "vision"))
   for stage in ("lm", "vision"):
     rows = metrics_lib.read_metrics(str(tmp_path / stage))
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
@@ -22,7 +22,7 @@ def test_three_stages_chain(tmp_path):
   config = tiny("flamingo", **steps, **{"init.lm_workdir": str(tmp_path / "lm"),
                                         "init.vision_workdir": str(tmp_path / "vision"),
                                         "plots": True})
-  flamingo = trainer.train_and_evaluate(config, str(tmp_path / "flamingo"))
+  flamingo = trainer.train(config, str(tmp_path / "flamingo"))
   for tower, expected in (("lm", leaves(lm.params)), ("vision", leaves(dual.params["vision"]))):
     got = leaves(flamingo.params[tower])
     assert got.keys() == expected.keys()
@@ -33,4 +33,4 @@ def test_three_stages_chain(tmp_path):
 
   config.model.lm.num_layers = 3
   with pytest.raises(ValueError, match=r"config\.init\.lm_workdir=.* holds a different lm"):
-    trainer.train_and_evaluate(config, str(tmp_path / "flamingo_3_layers"))
+    trainer.train(config, str(tmp_path / "flamingo_3_layers"))

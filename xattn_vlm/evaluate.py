@@ -11,44 +11,52 @@
 ``--eval.data_root`` and ``--eval.data.<task>.<train|test>.<argument>`` say where the official
 benchmark files are (``xattn_vlm.eval.tasks.default_data_config`` lists the expected layout).
 Predictions go to ``<output_dir>/predictions`` as they come; rerunning the same command resumes.
-The results are ``<output_dir>/results.json`` and ``results.md``. ``--multiprocess`` calls
-``jax.distributed.initialize()`` first; the queries are then split over the processes.
+The results are ``<output_dir>/results.json`` and ``results.md``, the log is in
+``<output_dir>/logs/``. ``--multiprocess`` joins a multi-process run first
+(``distributed.initialize``); the queries are then split over the processes.
 """
 
-from absl import app
+import pathlib
+
 from absl import flags
+import jax
 from ml_collections import config_flags
 
-import jax
-
+from xattn_vlm import checkpoint
+from xattn_vlm import cli
+from xattn_vlm import distributed
 from xattn_vlm.data import Tokenizer, default_tokenizer
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
-from xattn_vlm.train import checkpoint as checkpoint_lib
 
 flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run.")
 flags.DEFINE_string("output_dir", None, "Where predictions and results are written.")
 flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
                     "built-in shapes-world tokenizer).")
 flags.DEFINE_string("model_name", "ours", "Name of our rows in the results table.")
-flags.DEFINE_bool("multiprocess", False, "Initialise jax.distributed before evaluating.")
+flags.DEFINE_bool("multiprocess", False, "Join a multi-process run before evaluating.")
 config_flags.DEFINE_config_dict("eval", runner.default_config(), "Evaluation settings.")
 flags.mark_flags_as_required(["checkpoint", "output_dir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def evaluate() -> None:
   if FLAGS.multiprocess:
-    jax.distributed.initialize()
+    distributed.initialize()
   runner.check_config(FLAGS.eval)
-  model = checkpoint_lib.load_flamingo(FLAGS.checkpoint)
+  model = checkpoint.load_flamingo(FLAGS.checkpoint)
   tokenizer = (default_tokenizer() if FLAGS.tokenizer is None else
                Tokenizer.from_pretrained(FLAGS.tokenizer, model.config.lm.vocab_size))
   processor = Processor.from_model_config(model.config, tokenizer)
   runner.evaluate(model, processor, FLAGS.eval, FLAGS.output_dir, model_name=FLAGS.model_name)
+  if jax.process_index() == 0:
+    print((pathlib.Path(FLAGS.output_dir) / runner.RESULTS_MD).read_text())
+
+
+def main() -> None:
+  cli.run(evaluate, name="evaluate", doc=__doc__, module=__name__,
+          log_dir=lambda: FLAGS.output_dir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -12,14 +12,15 @@ order.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from xattn_vlm import checkpoint
+from xattn_vlm import cli
 from xattn_vlm.data import Tokenizer, default_tokenizer
 from xattn_vlm.inference import Processor, generate
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models.flamingo import Flamingo
-from xattn_vlm.train import checkpoint as checkpoint_lib
 
 flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run.")
 flags.DEFINE_string("config", None, "Model preset name for a fresh random model, e.g. tiny.")
@@ -40,16 +41,11 @@ flags.mark_flags_as_mutual_exclusive(["checkpoint", "config"], required=True)
 FLAGS = flags.FLAGS
 
 
-def load_model(workdir: str) -> Flamingo:
-  """The model of a flamingo-stage training run (its latest readable checkpoint)."""
-  return checkpoint_lib.load_flamingo(workdir, setting="--checkpoint")
-
-
-def build(checkpoint: str | None, preset: str | None, tokenizer_dir: str | None,
+def build(checkpoint_dir: str | None, preset: str | None, tokenizer_dir: str | None,
           seed: int) -> tuple[Flamingo, Processor]:
   """The model (from a checkpoint, or fresh from a preset) and its processor."""
-  if checkpoint is not None:
-    model = load_model(checkpoint)
+  if checkpoint_dir is not None:
+    model = checkpoint.load_flamingo(checkpoint_dir, setting="--checkpoint")
     tokenizer = (default_tokenizer() if tokenizer_dir is None else
                  Tokenizer.from_pretrained(tokenizer_dir, model.config.lm.vocab_size))
   else:
@@ -61,9 +57,7 @@ def build(checkpoint: str | None, preset: str | None, tokenizer_dir: str | None,
   return model, Processor.from_model_config(model.config, tokenizer)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def prompt() -> None:
   model, processor = build(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.seed)
   result = generate(model, processor, [FLAGS.text], [FLAGS.image],
                     max_new_tokens=FLAGS.max_new_tokens, num_beams=FLAGS.num_beams,
@@ -73,5 +67,9 @@ def main(argv):
   print(result.text[0])
 
 
+def main() -> None:
+  cli.run(prompt, name="prompt", doc=__doc__, module=__name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

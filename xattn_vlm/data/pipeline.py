@@ -134,6 +134,20 @@ class ExampleTransform:
                                   supervise=self.supervise)
 
 
+class TextTransform:
+  """A text record (``{"id", "text"}``) -> ``sequence.build_text_example``: every real token
+  supervised, for language-model data. A record failing ``require_text`` raises
+  ``BadRecordError`` so the pipeline skips it."""
+
+  def __init__(self, tokenizer, *, max_tokens: int):
+    self.tokenizer = tokenizer
+    self.max_tokens = max_tokens
+
+  def __call__(self, record: dict[str, Any]) -> Example:
+    require_text([record["text"]], record.get("id"))
+    return sequence.build_text_example(record["text"], self.tokenizer, max_tokens=self.max_tokens)
+
+
 class _ReadAndTransform:
   """Index -> example or ``Skipped``; runs in the workers (so it must pickle)."""
 

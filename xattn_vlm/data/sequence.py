@@ -59,6 +59,21 @@ def supervised_mask(input_ids, media_token_id: int, eoc_token_id: int,
   return (last_media > eoc_before) & ~is_media & valid
 
 
+def example_spec(max_tokens: int, max_images: int | None = None,
+                 media_shape: tuple[int, ...] | None = None,
+                 media_key: str = "images") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """``{key: (shape, dtype)}`` of one example: what ``build_text_example`` returns (no
+  ``max_images``), or ``build_example`` with ``media_shape`` = ``image_shape`` (a feature cache's
+  examples hold ``features`` of their shape in place of the images)."""
+  spec = {key: ((max_tokens,), np.dtype(np.int32))
+          for key in ("input_ids", "attention_mask", "labels")}
+  if max_images is not None:
+    spec.update({media_key: ((max_images, *media_shape), np.dtype(np.float32)),
+                 "media_mask": ((max_images,), np.dtype(bool)),
+                 "num_images": ((), np.dtype(np.int32))})
+  return spec
+
+
 def map_images(chunks: Sequence, fn: Callable) -> list:
   """The document with ``fn`` applied to every image chunk (text chunks unchanged), e.g.
   ``functools.partial(images.preprocess_image, size=..., mean=..., std=...)``."""

@@ -46,7 +46,6 @@ import PIL.Image
 import scipy.optimize
 
 from xattn_vlm.data import images
-from xattn_vlm.data import shapes_world
 
 _log = logging.getLogger(__name__)
 
@@ -180,9 +179,9 @@ class ImageTextFolder(RecordSource):
   caption file is skipped at construction; an empty caption raises ``BadRecordError`` on read.
   """
 
-  def __init__(self, root: str | os.PathLike, *, caption_key: str = "caption"):
-    super().__init__(f"ImageTextFolder({root})")
-    self._root = require_path(root, "root")
+  def __init__(self, path: str | os.PathLike, *, caption_key: str = "caption"):
+    super().__init__(f"ImageTextFolder({path})")
+    self._root = require_path(path, "path")
     self._caption_key = caption_key
     groups: dict[str, dict[str, str]] = collections.defaultdict(dict)
     for directory, subdirs, files in os.walk(self._root):
@@ -215,20 +214,20 @@ class WebDatasetTars(RecordSource):
   the layout img2dataset writes for LAION / Conceptual Captions.
 
   The shards' member headers are indexed once at construction (offsets only, no payloads), so
-  records are random access: a read seeks to the member in its shard. ``shards`` is a shard
+  records are random access: a read seeks to the member in its shard. ``path`` is a shard
   path, a directory (all its ``*.tar``, sorted) or a list of those.
   """
 
-  def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *,
+  def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], *,
                caption_key: str = "caption"):
-    paths = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
-      raise ValueError("shards: expected a tar path, a directory of tars or a list, got none")
+      raise ValueError("path: expected a tar path, a directory of tars or a list, got none")
     super().__init__(f"WebDatasetTars({paths[0]}{', ...' if len(paths) > 1 else ''})")
     self._caption_key = caption_key
     self._shards: list[str] = []
     for path in paths:
-      path = require_path(path, "shards")
+      path = require_path(path, "path")
       self._shards.extend(sorted(map(str, path.glob("*.tar"))) if path.is_dir() else [str(path)])
     for shard_index, shard in enumerate(self._shards):
       self._index_shard(shard_index, shard)
@@ -316,17 +315,17 @@ class MMC4Documents(RecordSource):
   only file offsets, and a read re-parses its line and calls ``mmc4_chunks``.
   """
 
-  def __init__(self, jsonl: str | os.PathLike | Sequence[str | os.PathLike],
+  def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike],
                image_root: str | os.PathLike, *, similarity_threshold: float | None = None):
-    paths = [jsonl] if isinstance(jsonl, (str, os.PathLike)) else list(jsonl)
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
-      raise ValueError("jsonl: expected a JSONL path, a directory of them or a list, got none")
+      raise ValueError("path: expected a JSONL path, a directory of them or a list, got none")
     super().__init__(f"MMC4Documents({paths[0]}{', ...' if len(paths) > 1 else ''})")
     self._image_root = str(require_path(image_root, "image_root"))
     self._threshold = similarity_threshold
     self._files: list[str] = []
     for path in paths:
-      path = require_path(path, "jsonl")
+      path = require_path(path, "path")
       self._files.extend(sorted(map(str, path.glob("*.jsonl"))) if path.is_dir() else [str(path)])
     for file_index, file in enumerate(self._files):
       self._index_file(file_index, file)
@@ -561,14 +560,20 @@ class ImageClassFolders(_BenchmarkSource):
   """ImageNet-style classification: ``root/<class folder>/*.JPEG``. Yields ``{"id", "image",
   "label", "class_name"}``.
 
-  ``class_names`` (folder -> readable name, e.g. from ``read_synset_mapping``) fixes the label
-  index by its order; without it labels follow the sorted folder names. ``self.class_names`` is
+  ``class_names`` (folder -> readable name), or the ``synset_mapping`` file it is read from
+  (``read_synset_mapping``), fixes the label index by its order; without it labels follow the
+  sorted folder names. ``self.class_names`` is
   the list of readable names by label, what zero-shot classification scores.
   """
 
-  def __init__(self, root: str | os.PathLike, *, class_names: Mapping[str, str] | None = None):
+  def __init__(self, root: str | os.PathLike, *, class_names: Mapping[str, str] | None = None,
+               synset_mapping: str | os.PathLike = ""):
     super().__init__(f"ImageClassFolders({root})")
     root = require_path(root, "root")
+    if synset_mapping:
+      if class_names is not None:
+        raise ValueError("class_names and synset_mapping: give one, not both")
+      class_names = read_synset_mapping(synset_mapping)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if class_names is None:
       class_names = {folder: folder for folder in folders}
@@ -608,45 +613,6 @@ class TfdsCocoCaptions(RecordSource):
                 for t in np.asarray(example["captions"]["text"]).tolist()]
     return {"id": int(example["image/id"]), "image": np.asarray(example["image"]),
             "captions": [c.strip() for c in captions if c.strip()]}
-
-
-class ShapesWorld(RecordSource):
-  """Training records from the synthetic shapes world (``shapes_world``): ``num_records`` items of
-  one generator, rendered on read (in the pipeline's workers).
-
-  ``kind``: ``caption`` and ``pair`` give ``[image, caption]``, ``vqa`` gives ``[image,
-  "Question:... Short answer:", answer]`` (the answer its own chunk, so a dataset can supervise it
-  alone: ``sequence.build_example``'s ``supervise``), ``interleaved`` and ``binding`` give their
-  documents.
-  ``generator_kwargs`` go to the generator (e.g. ``image_size``, ``max_images``, ``num_shots``).
-  """
-
-  KINDS = ("caption", "pair", "vqa", "interleaved", "binding")
-
-  def __init__(self, kind: str, *, num_records: int, split: str = "train", seed: int = 0,
-               **generator_kwargs):
-    if kind not in self.KINDS:
-      raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
-    if num_records < 1:
-      raise ValueError(f"num_records: expected >= 1, got {num_records}")
-    super().__init__(f"ShapesWorld({kind}, {split}, seed={seed})")
-    self._kind, self._split, self._seed = kind, split, seed
-    self._kwargs = generator_kwargs
-    self._entries = range(num_records)
-
-  def _read(self, entry) -> dict[str, Any]:
-    item = shapes_world.GENERATORS[self._kind](self._split, self._seed, entry, **self._kwargs)
-    if self._kind in ("caption", "pair"):
-      chunks = [item["image"], item["caption" if self._kind == "caption" else "text"]]
-    elif self._kind == "vqa":
-      chunks = [item["image"], shapes_world.QA_FORMAT.format(question=item["question"], answer=""),
-                item["answer"]]
-    else:
-      chunks = item["chunks"]
-    key = f"shapes/{self._kind}/{self._split}/{self._seed}/{entry}"
-    return {"id": key,
-            "chunks": [c if isinstance(c, str) else ImageRef(key=f"{key}/{i}", array=c)
-                       for i, c in enumerate(chunks)]}
 
 
 def _encode_record(record: Mapping[str, Any]) -> bytes:
@@ -716,14 +682,14 @@ class ArrayRecordRecords(RecordSource):
   bytes with their original keys, so a feature cache built from the original source still
   applies."""
 
-  def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike]):
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     super().__init__(f"ArrayRecordRecords({paths[0] if paths else None}"
                      f"{', ...' if len(paths) > 1 else ''})")
     if not paths:
-      raise ValueError("paths: expected an array_record path or a list of them, got none")
+      raise ValueError("path: expected an array_record path or a list of them, got none")
     self._data = grain.sources.ArrayRecordDataSource(
-        [str(require_path(p, "paths")) for p in paths])
+        [str(require_path(p, "path")) for p in paths])
     self._entries = range(len(self._data))
 
   def _read(self, entry) -> dict[str, Any]:

@@ -6,34 +6,22 @@ whatever id the wrapped tokenizer gave them (a checkpoint's vocabulary can be la
 tokenizer, e.g. Qwen2 pads to a multiple of 128). ``Tokenizer`` does that remapping in ``encode``
 and back in ``decode``; nothing else in the library needs to know the wrapped tokenizer's ids.
 
-``default_tokenizer()`` is a small byte-level BPE trained on the shapes world's text, built
-deterministically and cached on disk, so tests and the synthetic experiments need no download.
+The shapes world's own tokenizer, a BPE learned from its text, is ``data.shapes.tokenizer``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
-
-from xattn_vlm.data import shapes_world
 
 MEDIA_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
 ADDED_TOKENS = (MEDIA_TOKEN, EOC_TOKEN)  # model ids lm_vocab_size + 0 and + 1, in this order
 
-DEFAULT_EOS_TOKEN = "<|endoftext|>"
-# The default tokenizer's LM vocabulary, <|endoftext|> included: the BPE learns merges up to this
-# size or until the shapes world's text has no pair left to merge, and the rest is padding, so
-# <image> and <|endofchunk|> keep their ids even when a smaller world saturates the BPE early.
-DEFAULT_VOCAB_SIZE = 1024
-DEFAULT_CORPUS_SIZE = 2000  # shapes-world texts its BPE merges are learned from
-CACHE_ENV = "XATTN_VLM_CACHE"
+DEFAULT_EOS_TOKEN = "<|endoftext|>"  # the EOS of a bare ``tokenizers.Tokenizer``
 
 
 class Tokenizer:
@@ -153,52 +141,3 @@ class Tokenizer:
       return self._tokenizer.decode(raw, skip_special_tokens=skip_special_tokens)
     return self._tokenizer.decode(raw, skip_special_tokens=skip_special_tokens,
                                   clean_up_tokenization_spaces=False)
-
-
-def _cache_dir(cache_dir: str | os.PathLike | None) -> pathlib.Path:
-  if cache_dir is not None:
-    return pathlib.Path(cache_dir)
-  if os.environ.get(CACHE_ENV):
-    return pathlib.Path(os.environ[CACHE_ENV])
-  return pathlib.Path.home() / ".cache" / "xattn_vlm"
-
-
-def _default_tokenizer_key() -> str:
-  """A digest of everything the default tokenizer's bytes depend on: the shapes world's source
-  (its text), the training settings and the ``tokenizers`` version."""
-  digest = hashlib.sha256(pathlib.Path(shapes_world.__file__).read_bytes())
-  digest.update(f"{DEFAULT_VOCAB_SIZE}|{DEFAULT_CORPUS_SIZE}|{DEFAULT_EOS_TOKEN}|"
-                f"{ADDED_TOKENS}|{tokenizers.__version__}".encode())
-  return digest.hexdigest()[:16]
-
-
-def train_default_tokenizer() -> tokenizers.Tokenizer:
-  """Byte-level BPE (GPT-2 style, no prefix space) learned on the first ``DEFAULT_CORPUS_SIZE``
-  train texts of the shapes world: at most ``DEFAULT_VOCAB_SIZE`` tokens, ``<|endoftext|>``
-  first, then ``<image>`` and ``<|endofchunk|>`` as added tokens right after."""
-  tokenizer = tokenizers.Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=DEFAULT_VOCAB_SIZE, special_tokens=[DEFAULT_EOS_TOKEN],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tokenizer.train_from_iterator(shapes_world.text_corpus(DEFAULT_CORPUS_SIZE), trainer)
-  tokenizer.add_special_tokens(
-      [tokenizers.AddedToken(t, special=True, normalized=False) for t in ADDED_TOKENS])
-  return tokenizer
-
-
-def default_tokenizer(cache_dir: str | os.PathLike | None = None) -> Tokenizer:
-  """The shapes-world BPE tokenizer (``DEFAULT_VOCAB_SIZE`` LM ids, padded), trained on first use
-  and cached as JSON in ``cache_dir`` (default ``$XATTN_VLM_CACHE`` or ``~/.cache/xattn_vlm``).
-  The file name carries a digest of its inputs, so a changed world retrains instead of reusing
-  stale merges; the file is written atomically, so concurrent first uses are safe."""
-  folder = _cache_dir(cache_dir)
-  path = folder / f"shapes_bpe_{_default_tokenizer_key()}.json"
-  if not path.is_file():
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-      f.write(train_default_tokenizer().to_str())
-    os.replace(f.name, path)
-  return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), lm_vocab_size=DEFAULT_VOCAB_SIZE,
-                   eos_token=DEFAULT_EOS_TOKEN)

@@ -28,7 +28,8 @@ def _row(*values):
   return dict(zip(PUBLISHED_SHOTS, values))
 
 
-# Published few-shot results, transcribed from REFERENCE.md: {model: {task: {shots: score}}}.
+# Published few-shot results (OpenFlamingo paper, Table 11; Flamingo paper): {model: {task:
+# {shots: score}}}.
 PUBLISHED: dict[str, dict[str, dict[int, float]]] = {
     "Flamingo-3B": {
         "coco": _row(73.0, 85.0, 90.6, 95.4, 99.0),
@@ -75,8 +76,8 @@ PUBLISHED: dict[str, dict[str, dict[int, float]]] = {
         "vizwiz": _row(27.5, 34.1, 38.5, 42.5, 44.0),
         "hateful_memes": _row(51.6, 54.0, 54.7, 53.9, 53.8),
     },
-    # 0, 4 and 32 shots only. Its Hateful Memes figures come from a secondary source (REFERENCE.md
-    # marks them "?") and are left out.
+    # 0, 4 and 32 shots only. Its Hateful Memes figures come from a secondary source, not the
+    # paper, and are left out.
     "Flamingo-80B": {
         "coco": {0: 84.3, 4: 103.2, 32: 113.8},
         "flickr30k": {0: 67.2, 4: 75.1, 32: 75.4},

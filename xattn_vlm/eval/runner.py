@@ -37,13 +37,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xattn_vlm.data import images as images_lib
 from xattn_vlm.eval import demos as demos_lib
-from xattn_vlm.eval import prompts as prompts_lib
+from xattn_vlm.eval import fewshot
 from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import tasks as tasks_lib
 from xattn_vlm.inference import GenerationConfig, Processor
 from xattn_vlm.inference import decoding
 from xattn_vlm.inference import scoring
 from xattn_vlm.inference.model import StaticGraph, as_inference_model
+
+_log = logging.getLogger(__name__)
 
 DEMONSTRATIONS = ("random", "rices")
 RESULTS_JSON = "results.json"
@@ -217,7 +219,7 @@ class Evaluator:
   def _rices(self, name: str, queries: Sequence[Mapping[str, Any]]) -> dict:
     """Every query's RICES demonstration ids for the largest shot count, most similar last."""
     data = self.data(name)
-    k = max(prompts_lib.num_demonstrations(int(s)) for s in self.config.shots)
+    k = max(fewshot.num_demonstrations(int(s)) for s in self.config.shots)
     features = functools.partial(
         demos_lib.cached_features, feature_fn=self._image_features, batch_size=self.batch_size,
         cache_dir=self.config.rices_cache_dir or self.output_dir / "rices")
@@ -242,7 +244,7 @@ class Evaluator:
                        for source in sources])
     return np.asarray(_pooled_vision_features(self.model.graph, self.model.params, pixels))
 
-  def prompts(self, cell: Cell) -> list[tuple[prompts_lib.Prompt, Any]]:
+  def prompts(self, cell: Cell) -> list[tuple[fewshot.FewShotPrompt, Any]]:
     """Each query's prompt and the reference its prediction is scored against (built once)."""
     if cell not in self._prompts:
       queries = self.queries(cell.task.name)
@@ -253,9 +255,9 @@ class Evaluator:
     return self._prompts[cell]
 
   def _build_prompts(self, cell: Cell, queries: Sequence[Mapping[str, Any]],
-                     rices: Mapping | None) -> list[tuple[prompts_lib.Prompt, Any]]:
+                     rices: Mapping | None) -> list[tuple[fewshot.FewShotPrompt, Any]]:
     task, data = cell.task, self.data(cell.task.name)
-    k = prompts_lib.num_demonstrations(cell.shots)
+    k = fewshot.num_demonstrations(cell.shots)
     if task.kind != "binding" and rices is None:
       select = demos_lib.RandomDemonstrations(
           data.pool_ids, seed=self.config.seed + cell.trial,
@@ -267,7 +269,7 @@ class Evaluator:
       else:
         ids = rices[query["id"]][-k:] if rices is not None else select(query["id"], k)
         demos = [data.pool_record(key) for key in ids]
-      prompt = prompts_lib.build_prompt(
+      prompt = fewshot.build_prompt(
           task.template, task.example(query, with_answer=False),
           [task.example(demo, with_answer=True) for demo in demos], cell.shots)
       out.append((prompt, tasks_lib.reference(task, query)))
@@ -293,7 +295,7 @@ class Evaluator:
         for key, value in self.run_cell(cell, bar).items():
           results.setdefault(key, {}).setdefault(cell.shots, []).append(value)
         self.write_results(results)
-        logging.info("%s: %s", cell.name, results)
+        _log.info("%s: %s", cell.name, results)
     return results
 
   def run_cell(self, cell: Cell, bar: tqdm.tqdm) -> dict[str, float]:
@@ -357,13 +359,13 @@ class Evaluator:
           "evaluate fewer shots or use a model with a longer context")
     return min(-(-longest // 16) * 16, context - new), max(c.shots for c in cells) + 1
 
-  def _model_inputs(self, prompts: Sequence[prompts_lib.Prompt]) -> tuple[list, list]:
+  def _model_inputs(self, prompts: Sequence[fewshot.FewShotPrompt]) -> tuple[list, list]:
     """Texts and image lists of a batch, padded with copies of its last prompt to the batch
     size (fixed shapes; the copies' outputs are dropped)."""
     padded = list(prompts) + [prompts[-1]] * (self.batch_size - len(prompts))
     return [p.text for p in padded], [p.images for p in padded]
 
-  def _generate(self, cell: Cell, prompts: Sequence[prompts_lib.Prompt], length: int,
+  def _generate(self, cell: Cell, prompts: Sequence[fewshot.FewShotPrompt], length: int,
                 num_images: int) -> list[dict[str, Any]]:
     tokenizer = self.processor.tokenizer
     texts, images = self._model_inputs(prompts)
@@ -380,7 +382,7 @@ class Evaluator:
       outputs.append({"output": text, "prediction": cell.task.postprocess(text)})
     return outputs
 
-  def _classify(self, cell: Cell, prompts: Sequence[prompts_lib.Prompt], length: int,
+  def _classify(self, cell: Cell, prompts: Sequence[fewshot.FewShotPrompt], length: int,
                 num_images: int) -> list[dict[str, Any]]:
     texts, images = self._model_inputs(prompts)
     scores = scoring.score(self.model, self.processor, texts,

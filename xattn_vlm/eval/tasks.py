@@ -22,10 +22,10 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from xattn_vlm.data import shapes_world
-from xattn_vlm.data import sources
+from xattn_vlm.data import catalog
+from xattn_vlm.data.shapes import world as shapes_world
+from xattn_vlm.eval import fewshot
 from xattn_vlm.eval import metrics
-from xattn_vlm.eval import prompts
 
 KINDS = ("captioning", "vqa", "classification", "binding")
 
@@ -80,7 +80,7 @@ class Task:
   Attributes:
     name: the results key (``results.TASK_TITLES`` names the benchmarks).
     kind: one of ``KINDS``; captioning, VQA and binding generate, classification ranks classes.
-    template: a ``prompts.TEMPLATES`` name.
+    template: a ``fewshot.TEMPLATES`` name.
     fields: a record -> the template's fields other than the answer (what a query shows).
     answer: a record -> the answer text a demonstration shows.
     max_new_tokens: generation budget (20 for captions, 5 for short answers).
@@ -101,7 +101,7 @@ class Task:
     demonstration, without it for a query (test splits may have none)."""
     example = {**self.fields(record), "image": record["image"]}
     if with_answer:
-      example[prompts.TEMPLATES[self.template].answer_field] = self.answer(record)
+      example[fewshot.TEMPLATES[self.template].answer_field] = self.answer(record)
     return example
 
 
@@ -261,44 +261,24 @@ def shapes_data(name: str, config: ml_collections.ConfigDict, image_size: int) -
 # -- the official benchmarks -------------------------------------------------------------------
 
 
-def _imagenet(root: str, synset_mapping: str = "") -> sources.ImageClassFolders:
-  class_names = sources.read_synset_mapping(synset_mapping) if synset_mapping else None
-  return sources.ImageClassFolders(root, class_names=class_names)
-
-
-# task -> the reader of its official layout, and the reader's path arguments.
-_READERS: dict[str, tuple[Callable[..., Sequence], tuple[str, ...]]] = {
-    "coco": (sources.KarpathyCaptions, ("annotation_file", "image_root")),
-    "flickr30k": (sources.KarpathyCaptions, ("annotation_file", "image_root")),
-    "vqav2": (sources.VqaQuestions, ("questions_file", "image_root", "annotations_file")),
-    "ok_vqa": (sources.VqaQuestions, ("questions_file", "image_root", "annotations_file")),
-    "textvqa": (sources.TextVqa, ("annotation_file", "image_root")),
-    "vizwiz": (sources.VizWiz, ("annotation_file", "image_root")),
-    "hateful_memes": (sources.HatefulMemes, ("jsonl_file", "image_root")),
-    "imagenet": (_imagenet, ("root", "synset_mapping")),
-}
-
-
-def _split(name: str, split: str, kwargs: Mapping[str, Any], data_root: str) -> Sequence:
-  reader, path_args = _READERS[name]
-  args = dict(kwargs)
-  for arg in path_args:
-    if args.get(arg):
-      args[arg] = os.path.join(data_root, args[arg])
+def _split(name: str, split: str, arguments: Mapping[str, Any], data_root: str) -> Sequence:
+  arguments = dict(arguments)
+  source = arguments.pop("source")
+  setting = f"--eval.data.{name}.{split}"
   try:
-    return reader(**args)
+    return catalog.open_source(source, arguments, setting=setting, root=data_root)
   except FileNotFoundError as error:
     raise FileNotFoundError(f"{name} {split} split: {error}. Set --eval.data_root (now "
-                            f"{data_root!r}) or --eval.data.{name}.{split}.<argument>") from error
+                            f"{data_root!r}) or {setting}.<argument>") from error
 
 
 def benchmark_data(name: str, config: ml_collections.ConfigDict) -> TaskData:
   """An official benchmark's test split (queries) and training split (demonstration pool), read
   from ``config.data[name].test`` / ``.train`` (reader arguments; relative paths are under
   ``config.data_root``)."""
-  if name not in _READERS:
+  if name not in BENCHMARKS:
     raise ValueError(f"task {name!r} is not an official benchmark; expected one of "
-                     f"{sorted(_READERS)}")
+                     f"{sorted(BENCHMARKS)}")
   splits = config.data[name]
   test = _split(name, "test", splits.test, config.data_root)
   train = _split(name, "train", splits.train, config.data_root)
@@ -315,14 +295,16 @@ def benchmark_data(name: str, config: ml_collections.ConfigDict) -> TaskData:
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Where each benchmark's official files are, relative to ``data_root``, as the datasets ship
-  them (OpenFlamingo's evaluation reads the same files). Each split holds its reader's arguments
-  (``data.sources``)."""
+  them (OpenFlamingo's evaluation reads the same files). Each split names its ``source``
+  (``data.catalog``) and holds its reader's arguments."""
   def karpathy(file, image_root):
-    return dict(train=dict(annotation_file=file, image_root=image_root, split="train"),
-                test=dict(annotation_file=file, image_root=image_root, split="test"))
+    return dict(train=dict(source="karpathy", annotation_file=file, image_root=image_root,
+                           split="train"),
+                test=dict(source="karpathy", annotation_file=file, image_root=image_root,
+                          split="test"))
 
   def vqa(folder, prefix, questions, annotations):
-    return {split: dict(questions_file=f"{folder}/{prefix}{questions.format(subset)}",
+    return {split: dict(source="vqa", questions_file=f"{folder}/{prefix}{questions.format(subset)}",
                         annotations_file=f"{folder}/{annotations.format(subset)}",
                         image_root=f"coco/{subset}")
             for split, subset in (("train", "train2014"), ("test", "val2014"))}
@@ -333,14 +315,17 @@ def default_data_config() -> ml_collections.ConfigDict:
       vqav2=vqa("vqav2", "v2_", "OpenEnded_mscoco_{}_questions.json",
                 "v2_mscoco_{}_annotations.json"),
       ok_vqa=vqa("okvqa", "", "OpenEnded_mscoco_{}_questions.json", "mscoco_{}_annotations.json"),
-      textvqa={split: dict(annotation_file=f"textvqa/TextVQA_0.5.1_{subset}.json",
+      textvqa={split: dict(source="textvqa",
+                           annotation_file=f"textvqa/TextVQA_0.5.1_{subset}.json",
                            image_root="textvqa/train_images")
                for split, subset in (("train", "train"), ("test", "val"))},
-      vizwiz={split: dict(annotation_file=f"vizwiz/{subset}.json", image_root=f"vizwiz/{subset}")
+      vizwiz={split: dict(source="vizwiz", annotation_file=f"vizwiz/{subset}.json",
+                          image_root=f"vizwiz/{subset}")
               for split, subset in (("train", "train"), ("test", "val"))},
-      hateful_memes={split: dict(jsonl_file=f"hateful_memes/{file}", image_root="hateful_memes")
+      hateful_memes={split: dict(source="hateful_memes", jsonl_file=f"hateful_memes/{file}",
+                                 image_root="hateful_memes")
                      for split, file in (("train", "train.jsonl"), ("test", "dev_seen.jsonl"))},
-      imagenet={split: dict(root=f"imagenet/{subset}",
+      imagenet={split: dict(source="image_class_folders", root=f"imagenet/{subset}",
                             synset_mapping="imagenet/LOC_synset_mapping.txt")
                 for split, subset in (("train", "train"), ("test", "val"))},
   ))

@@ -11,8 +11,8 @@ run through the full forward at every step: the reference the cached path is tes
 the baseline of the benchmark.
 
 Three policies pick tokens: greedy, sampling (temperature, then top-k, then top-p) and beam search
-with a length penalty. ``<image>`` is never generated: no image could follow it, and DESIGN.md fixes
-that new tokens attend to the prompt's last image. Reported log-probs are the model's own
+with a length penalty. ``<image>`` is never generated: no image could follow it, and docs/model.md
+fixes that new tokens attend to the prompt's last image. Reported log-probs are the model's own
 (``log_softmax`` of its logits, before temperature or filtering), so they compare across policies
 and with ``score``.
 """

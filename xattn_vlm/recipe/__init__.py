@@ -26,6 +26,8 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
+from xattn_vlm import console
+from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
 from xattn_vlm.models.flamingo import Flamingo
@@ -33,8 +35,10 @@ from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import trainer
+from xattn_vlm.train.configs import STAGES
 
-STAGES = ("lm_pretrain", "vision_pretrain", "flamingo")
+_log = logging.getLogger(__name__)
+
 SUMMARY = "recipe.json"
 
 
@@ -67,19 +71,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seconds: dict[str, float] = {}
   for stage in STAGES:
     began = time.perf_counter()
-    state = trainer.train_and_evaluate(stage_config(config, stage, workdir), str(workdir / stage))
+    stage_cfg = stage_config(config, stage, workdir)
+    state = trainer.train(stage_cfg, str(workdir / stage))
     seconds[stage] = time.perf_counter() - began
-    logging.info("recipe: %s done in %.0f s", stage, seconds[stage])
+    if int(state.step) < stage_cfg.total_steps:  # stopped by a signal: resume, never move on
+      console.say(f"recipe: stopped during {stage} at step {int(state.step)}; the same command "
+                  "resumes it")
+      return {"stopped": stage, "step": int(state.step)}
 
   flamingo = stage_config(config, "flamingo", workdir)
   processor = Processor.from_model_config(flamingo.model, input_pipeline.tokenizer_for(flamingo))
   began = time.perf_counter()
+  console.say(f"evaluation: {config.eval.tasks} at {', '.join(map(str, config.eval.shots))} shots "
+              f"into {workdir / 'eval'}")
   model = flamingo_model(flamingo, state.params)
   results = runner.evaluate(model, processor, config.eval, workdir / "eval",
                             model_name="shapes_tiny")
   seconds["eval"] = time.perf_counter() - began
+  console.say(f"evaluation: done after {seconds['eval']:.0f} s")
 
   began = time.perf_counter()
+  console.say(f"baseline: {config.baseline_tasks} with the untrained model (gates at 0)")
   baseline_config = ml_collections.ConfigDict(config.eval.to_dict())
   baseline_config.tasks = config.baseline_tasks
   untrained = trainer.create_train_state(trainer.setup(flamingo))
@@ -91,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   began = time.perf_counter()
   reliance = diagnostics.image_reliance(flamingo, model)
   seconds["image_reliance"] = time.perf_counter() - began
-  logging.info("recipe: VQA answer NLL %.3f with own images, %.3f with swapped ones",
+  _log.info("recipe: VQA answer NLL %.3f with own images, %.3f with swapped ones",
                reliance["own_nll"], reliance["swapped_nll"])
 
   summary = {"results": results, "untrained": baselines, "image_reliance": reliance}
@@ -102,5 +114,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seconds["total"] = time.perf_counter() - start
   summary["seconds"] = seconds
   (workdir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-  logging.info("recipe: done in %.0f s; report in %s", seconds["total"], workdir / report.REPORT)
+  console.say(results_lib.markdown_table(results, model_name="trained"))
+  console.say(f"recipe: done in {seconds['total']:.0f} s; report in {workdir / report.REPORT}")
   return summary

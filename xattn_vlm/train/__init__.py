@@ -1,2 +1,2 @@
 """Sharded training: mesh and sharding rules, optimizer, stages, Orbax checkpoints, metrics, and
-the one trainer loop (``trainer.train_and_evaluate``); ``python -m xattn_vlm.train`` runs it."""
+the one trainer loop (``trainer.train``); ``python -m xattn_vlm.train`` runs it."""

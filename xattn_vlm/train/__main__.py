@@ -1,20 +1,23 @@
 """``python -m xattn_vlm.train --config=experiments/<name>.py[:preset] --workdir=DIR``.
 
-Dotted overrides (``--config.total_steps=20``) apply on top of the file; an unknown key fails at
-start. ``--multiprocess`` joins a multi-process run first (``train.distributed.initialize``:
-TPU pods, SLURM, or the coordinator settings a launcher puts in the environment).
+Trains one stage (``config.stage``) with the trainer, resuming from the newest checkpoint in
+DIR. Dotted overrides (``--config.total_steps=20``) apply on top of the file; an unknown key fails
+at start. ``--multiprocess`` joins a multi-process run first (``distributed.initialize``:
+TPU pods, SLURM, or the coordinator settings a launcher puts in the environment). The log is in
+DIR/logs/, metrics in DIR/metrics.jsonl and DIR/tensorboard/.
 """
 
-from absl import app
+import logging
+
 from absl import flags
-from absl import logging
+import jax
 from ml_collections import config_flags
 
-import jax
-
-from xattn_vlm import host
-from xattn_vlm.train import distributed
+from xattn_vlm import cli
+from xattn_vlm import distributed
 from xattn_vlm.train import trainer
+
+_log = logging.getLogger(__name__)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
                                 lock_config=True)
@@ -24,22 +27,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if host.REUSE_FREED_MEMORY.value:
-    host.reuse_freed_memory()
+def train() -> None:
   if "stages" in FLAGS.config:
-    raise app.UsageError(
+    raise ValueError(
         f"--config holds a recipe of several stages ({', '.join(FLAGS.config.stages)}), not one "
         "training run: run it with `python -m xattn_vlm.recipe`, or pick one stage with "
         "--config=FILE:STAGE")
   if FLAGS.multiprocess:
     distributed.initialize()
-  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+  _log.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  trainer.train(FLAGS.config, FLAGS.workdir)
+
+
+def main() -> None:
+  cli.run(train, name="train", doc=__doc__, module=__name__, log_dir=lambda: FLAGS.workdir,
+          training=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -16,7 +16,7 @@ Fields (``base_config``):
   data: the mixture; ``tokenizer`` is a local Hugging Face folder ('' = the shapes-world BPE);
     ``datasets.<name>`` holds ``source`` (see ``input_pipeline``), GLOBAL
     ``batch_size``, ``weight`` (lambda_m) and source arguments; ``feature_cache`` ('' = none) is a
-    directory of the frozen vision tower's features (``python -m xattn_vlm.train.build_features``)
+    directory of the frozen vision tower's features (``python -m xattn_vlm.build_features``)
     that the Flamingo stage reads instead of running the tower.
   mesh: sizes of the ``data``, ``fsdp``, ``tensor`` axes (-1: the rest of the devices);
     ``dcn_data`` > 1 splits ``data`` over that many slices (data parallel over DCN).
@@ -38,6 +38,7 @@ from __future__ import annotations
 import ml_collections
 
 from xattn_vlm.models import config as model_config
+from xattn_vlm.plan import chips
 
 STAGES = ("lm_pretrain", "vision_pretrain", "flamingo")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -146,8 +147,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return settings
 
 
-# bf16 dense peak FLOP/s per chip, for MFU: TPU v5p and H100 SXM (vendor figures).
-PEAK_FLOPS = {"tpu": 459e12, "gpu": 989e12}
+# The chip each paper mesh is laid out for, whose bf16 peak MFU is quoted against.
+PAPER_CHIPS = {"tpu": chips.TPU_CHIPS["TPU v5"], "gpu": chips.GPU_CHIPS["H100"]}
 
 
 def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, int]],
@@ -180,5 +181,5 @@ def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, i
   config.checkpoint.every_steps = 1000
   config.checkpoint.keep_period = 50_000
   config.log_every_steps = 100
-  config.peak_flops_per_device = PEAK_FLOPS[settings.mesh]
+  config.peak_flops_per_device = PAPER_CHIPS[settings.mesh].peak_flops
   return config

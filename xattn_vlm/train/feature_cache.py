@@ -5,18 +5,18 @@ config's datasets, for ``config.data.feature_cache``: training then reads them i
 the tower. The tower is the one training would freeze (``config.init.vision_workdir`` or
 ``config.init.vision_hf_path``), loaded as the trainer loads it; each image is preprocessed as
 the pipeline would for the tower and encoded once (``data.features``). One process; the CLI is
-``python -m xattn_vlm.train.build_features``.
+``python -m xattn_vlm.build_features``.
 """
 
 from __future__ import annotations
 
+import logging
 import collections
 import itertools
 import os
 
 import jax
 import ml_collections
-from absl import logging
 from flax import nnx
 
 from xattn_vlm.data import features
@@ -24,6 +24,8 @@ from xattn_vlm.data import pipeline
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import stages
 from xattn_vlm.train import trainer
+
+_log = logging.getLogger(__name__)
 
 
 def build_features(config: ml_collections.ConfigDict, output: str | os.PathLike, *,
@@ -50,6 +52,6 @@ def build_features(config: ml_collections.ConfigDict, output: str | os.PathLike,
   cache = features.build_feature_cache(output, images, lambda pixels: encode(params, pixels),
                                        batch_size=batch_size,
                                        encoder=input_pipeline.vision_tower_identity(config))
-  logging.info("cached the features %s of %d images in %s; skipped %s", cache.shape, len(cache),
+  _log.info("cached the features %s of %d images in %s; skipped %s", cache.shape, len(cache),
                cache.directory, dict(skipped) or "none")
   return cache

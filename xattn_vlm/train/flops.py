@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xattn_vlm.models import flamingo
+
 Shapes = Mapping[str, Mapping[str, tuple[int, ...]]]
 
 
@@ -59,7 +61,7 @@ def xattn_forward(model: ml_collections.ConfigDict, batch: int, length: int, med
   d, hd = lm.embed_dim, x.num_heads * x.head_dim
   dv = model.resampler.width or model.vision.width
   keys = media * model.resampler.num_latents
-  blocks = len([i for i in range(lm.num_layers) if (i + 1) % x.every_n_layers == 0])
+  blocks = len(flamingo.gated_layer_indices(lm.num_layers, x.every_n_layers))
   per_block = (2 * batch * length * (2 * d * hd + 2 * d * x.ff_mult * d)  # q, out, feed-forward
                + 2 * batch * keys * dv * hd * 2  # media keys and values
                + 4 * batch * length * keys * hd)  # scores and weighted values

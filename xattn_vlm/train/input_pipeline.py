@@ -1,12 +1,14 @@
 """``config.data`` -> the ``data.pipeline`` mixture iterator this process reads its batches from.
 
-Each entry of ``config.data.datasets`` names a ``source``:
+Each entry of ``config.data.datasets`` names a ``source`` of ``data.catalog`` and gives its
+reader's arguments:
   ``shapes``: the synthetic shapes world (``kind``: caption, pair, vqa, interleaved, binding;
-    ``num_records``; further keys go to the generator, e.g. ``max_images``).
+    ``num_records``; further keys go to the generator, e.g. ``max_images``), rendered at the
+    model's image size from ``config.data.seed``.
   ``shapes_text``: the shapes world's text-only stream (``num_records``; ``texts_per_record``
     texts joined into one, to pretrain the LM's positions up to a long context), every real
     token supervised: the ``lm_pretrain`` data.
-  ``image_text_folder`` (``path``), ``webdataset`` (``path``), ``mmc4`` (``path``,
+  ``image_text_folder``, ``webdataset``, ``array_record`` (``path``), ``mmc4`` (``path``,
     ``image_root``): real image-text pairs and interleaved documents.
 An entry may set its own ``max_tokens`` and ``media_slots`` (image slots per example) instead of
 ``config.data.max_tokens`` / ``max_images``, so short image-text pairs are not padded to the
@@ -22,83 +24,37 @@ tower's features from that cache (``data.features``) instead of pixels, so the t
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import jax
 import ml_collections
-import numpy as np
-from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from xattn_vlm import checkpoint
+from xattn_vlm.data import catalog
 from xattn_vlm.data import features
 from xattn_vlm.data import pipeline
 from xattn_vlm.data import sequence
-from xattn_vlm.data import shapes_world
 from xattn_vlm.data import sources
-from xattn_vlm.data.sequence import IGNORE_INDEX
-from xattn_vlm.data.tokenizer import Tokenizer, default_tokenizer
-from xattn_vlm.train import checkpoint
+from xattn_vlm.data.shapes.tokenizer import default_tokenizer
+from xattn_vlm.data.tokenizer import Tokenizer
+from xattn_vlm.train import sharding as sharding_lib
 from xattn_vlm.train import stages
 
-SOURCES = ("shapes", "shapes_text", "image_text_folder", "webdataset", "mmc4")
+_log = logging.getLogger(__name__)
+
 _COMPONENT_KEYS = ("source", "batch_size", "weight", "max_tokens", "media_slots", "supervise")
-
-
-class ShapesText:
-  """The shapes world's text-only records ``{"id", "text"}`` (random access, for grain); record
-  i joins texts ``i * texts_per_record, ...`` with spaces, so the LM sees long sequences."""
-
-  def __init__(self, *, num_records: int, split: str = "train", seed: int = 0,
-               texts_per_record: int = 1):
-    for name, value in (("num_records", num_records), ("texts_per_record", texts_per_record)):
-      if value < 1:
-        raise ValueError(f"{name}: expected >= 1, got {value}")
-    self.name = f"ShapesText({split}, seed={seed})"
-    self._split, self._seed, self._len = split, seed, num_records
-    self._per_record = texts_per_record
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    first = int(index) * self._per_record
-    text = " ".join(shapes_world.text_example(self._split, self._seed, i)["text"]
-                    for i in range(first, first + self._per_record))
-    return {"id": f"shapes/text/{self._split}/{self._seed}/{index}", "text": text}
-
-
-class TextTransform:
-  """A text record -> ``input_ids``, ``attention_mask`` and ``labels`` (every real token
-  supervised; the loss shifts by one), int32 [max_tokens]; BOS (if any) and EOS added."""
-
-  def __init__(self, tokenizer: Tokenizer, *, max_tokens: int):
-    self.tokenizer = tokenizer
-    self.max_tokens = max_tokens
-
-  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    tok = self.tokenizer
-    ids = [] if tok.bos_token_id is None else [tok.bos_token_id]
-    ids = (ids + tok.encode(record["text"]) + [tok.eos_token_id])[:self.max_tokens]
-    pad = self.max_tokens - len(ids)
-    input_ids = np.array(ids + [tok.pad_token_id] * pad, np.int32)
-    attention_mask = np.array([1] * len(ids) + [0] * pad, np.int32)
-    labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def _source(name: str, component: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
   args = {k: v for k, v in component.items() if k not in _COMPONENT_KEYS}
-  kind = component.source
-  if kind == "shapes":
-    return sources.ShapesWorld(image_size=config.model.vision.image_size, seed=config.data.seed,
-                               **args)
-  if kind == "shapes_text":
-    return ShapesText(seed=config.data.seed, **args)
-  if kind == "image_text_folder":
-    return sources.ImageTextFolder(args.pop("path"), **args)
-  if kind == "webdataset":
-    return sources.WebDatasetTars(args.pop("path"), **args)
-  if kind == "mmc4":
-    return sources.MMC4Documents(args.pop("path"), **args)
-  raise ValueError(f"config.data.datasets.{name}.source: expected one of {SOURCES}, got {kind!r}")
+  # The shapes world renders at the model's image size, from the data seed.
+  if component.source in ("shapes", "shapes_text"):
+    args["seed"] = config.data.seed
+  if component.source == "shapes":
+    args["image_size"] = config.model.vision.image_size
+  return catalog.open_source(component.source, args, setting=f"config.data.datasets.{name}")
 
 
 def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -138,11 +94,11 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     if supervise not in sequence.SUPERVISE:
       raise ValueError(f"config.data.datasets.{name}.supervise: expected one of "
                        f"{sequence.SUPERVISE}, got {supervise!r}")
-    if component.source == "shapes_text":
+    if catalog.source_type(component.source, f"config.data.datasets.{name}").text_only:
       if supervise != "all":
         raise ValueError(f"config.data.datasets.{name}.supervise={supervise!r}: text-only "
                          "datasets supervise every token; leave it 'all'")
-      transform = TextTransform(tokenizer, max_tokens=max_tokens)
+      transform = pipeline.TextTransform(tokenizer, max_tokens=max_tokens)
     elif cache is not None:
       _check_cached(name, source, cache)
       transform = features.CachedFeaturesTransform(tokenizer, cache, max_tokens=max_tokens,
@@ -157,7 +113,7 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   return result
 
 
-_REBUILD = "build it for this config with `python -m xattn_vlm.train.build_features`"
+_REBUILD = "build it for this config with `python -m xattn_vlm.build_features`"
 
 
 def vision_tower_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -197,7 +153,7 @@ def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCac
                      f"per image, but config.model.vision's tower outputs {expected}; {_REBUILD}")
   tower = vision_tower_identity(config)
   if cache.encoder is None:
-    logging.warning("config.data.feature_cache=%r does not record which vision tower built it "
+    _log.warning("config.data.feature_cache=%r does not record which vision tower built it "
                     "(an older cache), so it cannot be checked against %s", path, tower)
   elif cache.encoder != tower:
     raise ValueError(f"config.data.feature_cache={path!r} was built by the vision tower "
@@ -232,3 +188,32 @@ def create_iterator(config: ml_collections.ConfigDict, *, process_index: int | N
                                    process_index=process_index, process_count=process_count,
                                    num_workers=config.data.num_workers,
                                    prefetch_batches=config.data.prefetch_batches)
+
+
+def example_spec(config: ml_collections.ConfigDict, name: str) -> dict[str, tuple]:
+  """``{key: (shape, dtype)}`` of one example of dataset ``name`` as its transform makes it
+  (``sequence.example_spec``): tokens only for text sources; images, or with
+  ``config.data.feature_cache`` the frozen tower's cached features, for the others."""
+  component = config.data.datasets[name]
+  max_tokens = component.get("max_tokens", config.data.max_tokens)
+  if catalog.source_type(component.source, f"config.data.datasets.{name}").text_only:
+    return sequence.example_spec(max_tokens)
+  max_images = component.get("media_slots", config.data.max_images)
+  size = config.model.vision.image_size
+  if config.data.feature_cache:
+    return sequence.example_spec(max_tokens, max_images, (1, *stages.vision_feature_shape(config)),
+                                 media_key="features")
+  return sequence.example_spec(max_tokens, max_images, (1, size, size, 3))
+
+
+def abstract_batches(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, dict[str, Any]]:
+  """``{dataset: {key: ShapeDtypeStruct}}`` of one step's global batches, sharded along the batch
+  as the trainer shards them: what the mixture iterator yields, without reading any data."""
+  spec = sharding_lib.batch_spec(rules, mesh)
+  batches = {}
+  for name, dataset in config.data.datasets.items():
+    batches[name] = {
+        key: jax.ShapeDtypeStruct((dataset.batch_size, *shape), dtype, sharding=NamedSharding(
+            mesh, P(*spec, *([None] * len(shape)))))
+        for key, (shape, dtype) in example_spec(config, name).items()}
+  return batches

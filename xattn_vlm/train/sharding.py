@@ -23,6 +23,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from xattn_vlm.train.configs import MESH_AXES
 
+_log = logging.getLogger(__name__)
+
 Rules = Mapping[str, tuple[str, ...]]
 
 
@@ -53,7 +55,7 @@ def create_mesh(mesh_config: ml_collections.ConfigDict,
     if jax.process_count() > 1:
       raise ValueError(f"config.mesh: a multi-process run must use all {len(devices)} devices, "
                        f"got a mesh of {size}; use -1 for one axis")
-    logging.warning("config.mesh %s uses %d of %d devices", shape, size, len(devices))
+    _log.warning("config.mesh %s uses %d of %d devices", shape, size, len(devices))
     devices = devices[:size]
   dcn = int(mesh_config.dcn_data)
   if dcn > 1:
@@ -97,7 +99,7 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], rules: 
                        f"add ({name!r}, <mesh axes or None>)")
     axes = [a for a in rules[name] if a not in used and mesh_sizes[a] > 1]
     while axes and dim % math.prod(mesh_sizes[a] for a in axes):
-      logging.info("%s: dim %s=%d is not divisible by mesh axis %r; not sharded along it", where,
+      _log.info("%s: dim %s=%d is not divisible by mesh axis %r; not sharded along it", where,
                    name, dim, axes[-1])
       axes.pop()
     used.update(axes)

@@ -28,6 +28,9 @@ import tqdm
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xattn_vlm import checkpoint
+from xattn_vlm import console
+from xattn_vlm.models import parameters
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import configs
 from xattn_vlm.train import flops as flops_lib
@@ -36,6 +39,8 @@ from xattn_vlm.train import metrics as metrics_lib
 from xattn_vlm.train import optimizer as optimizer_lib
 from xattn_vlm.train import sharding as sharding_lib
 from xattn_vlm.train import stages as stages_lib
+
+_log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -128,11 +133,10 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
                               skipped=replicated, skipped_in_a_row=replicated)
 
   sharding_lib.check_fsdp(params, params_sharding, mesh, config.sharding.fsdp_min_size)
-  logging.info("mesh %s; largest parameters:\n  %s", dict(mesh.shape),
+  _log.info("mesh %s; largest parameters:\n  %s", dict(mesh.shape),
                "\n  ".join(sharding_lib.describe(params, params_sharding)))
-  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-  logging.info("parameters: %s trainable, %s frozen", f"{count(trainable):,}",
-               f"{count(params) - count(trainable):,}")
+  _log.info("parameters: %s trainable, %s frozen", f"{parameters.size(trainable):,}",
+               f"{parameters.size(params) - parameters.size(trainable):,}")
   return Setup(config, mesh, rules, stage, graphdef, tx, schedule, abstract_state, state_sharding)
 
 
@@ -162,12 +166,11 @@ def load_pretrained(s: Setup, tower: stages_lib.Pretrained) -> nnx.State:
     tower.hf_loader(module, tower.path)
     loaded = jax.device_put(nnx.state(module, nnx.Param), sharding)
   else:
-    target = checkpoint_lib.abstract_with_shardings(s.abstract_state.params[tower.target],
-                                                    sharding)
-    loaded = checkpoint_lib.load_params(
+    target = checkpoint.abstract_with_shardings(s.abstract_state.params[tower.target], sharding)
+    loaded = checkpoint.load_params(
         tower.path, target, source=tower.source, stage=tower.stage,
         model_key=tower.model_key, config=s.config, setting=tower.setting)
-  logging.info("%s: loaded from %s", tower.target, tower.path)
+  _log.info("%s: loaded from %s", tower.target, tower.path)
   return loaded
 
 
@@ -240,6 +243,15 @@ def make_train_step(s: Setup, weights: Mapping[str, float]) -> Callable:
   return train_step
 
 
+def jit_train_step(s: Setup, weights: Mapping[str, float], batch_shardings) -> Callable:
+  """The update step as the trainer runs it: jitted with the state donated, the state's
+  shardings in and out, and batches sharded as ``batch_shardings`` (the planner compiles this
+  very function for other machines)."""
+  return jax.jit(make_train_step(s, weights), donate_argnums=(0,),
+                 in_shardings=(s.state_sharding, batch_shardings),
+                 out_shardings=(s.state_sharding, NamedSharding(s.mesh, P())))
+
+
 class PreemptionGuard:
   """Turns SIGTERM/SIGINT into a request to save and stop at the end of the current step.
 
@@ -259,7 +271,7 @@ class PreemptionGuard:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("received %s: saving a checkpoint and stopping after this step",
+    _log.warning("received %s: saving a checkpoint and stopping after this step",
                     signal.Signals(signum).name)
     self.signal = signum
 
@@ -289,6 +301,7 @@ class _Reporter:
     self.tokens = self.examples = 0
     self.window: list[float] = []
     self.last_time = None
+    self.last_loss: float | None = None
 
   def set_shapes(self, shapes) -> None:
     self.step_flops = flops_lib.step_flops(self.config, shapes)
@@ -297,6 +310,7 @@ class _Reporter:
 
   def report(self, step: int, metrics, last: bool) -> None:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.last_loss = scalars["loss"]
     now = time.perf_counter()
     if self.last_time is not None:  # the first step's time includes compilation
       self.window.append(now - self.last_time)
@@ -325,7 +339,7 @@ class _Reporter:
     self.writer.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final
   state. Stops early, with a checkpoint, on SIGTERM/SIGINT."""
   s = setup(config)
@@ -333,31 +347,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   iterator = input_pipeline.create_iterator(config)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   checkpointer.check_compatible(config)
-  target = checkpoint_lib.abstract_with_shardings(s.abstract_state, s.state_sharding)
+  target = checkpoint.abstract_with_shardings(s.abstract_state, s.state_sharding)
   restored = checkpointer.restore_latest(target, iterator)
   if restored is None:
     state = create_train_state(s)
-    logging.info("starting %s from scratch in %s", config.stage, workdir)
+    _log.info("starting %s from scratch in %s", config.stage, workdir)
   else:
     state, step = restored
-    logging.info("resumed %s from step %d in %s", config.stage, step, workdir)
+    _log.info("resumed %s from step %d in %s", config.stage, step, workdir)
+  started = time.perf_counter()
 
   spec = sharding_lib.batch_spec(s.rules, s.mesh)
-  train_step = make_train_step(s, iterator.weights)
   compiled = None
   peak = config.peak_flops_per_device or flops_lib.measure_matmul_peak()
   step = int(jax.device_get(state.step))
   reporter = _Reporter(s, workdir, step, peak)
   guard = PreemptionGuard()
+  first_step = step
+  if step < config.total_steps:
+    console.say(f"{config.stage}: training steps {step + 1}-{config.total_steps} in {workdir}")
   pending, saved_step = None, step
   try:
     while step < config.total_steps:
       batches = sharding_lib.global_batch(next(iterator), s.mesh, spec)
       if compiled is None:
-        compiled = jax.jit(train_step, donate_argnums=(0,),
-                           in_shardings=(s.state_sharding,
-                                         jax.tree.map(lambda x: x.sharding, batches)),
-                           out_shardings=(s.state_sharding, NamedSharding(s.mesh, P())))
+        compiled = jit_train_step(s, iterator.weights,
+                                  jax.tree.map(lambda x: x.sharding, batches))
         reporter.set_shapes(jax.tree.map(lambda x: x.shape, batches))
       state, metrics = compiled(state, batches)
       step += 1
@@ -380,4 +395,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     iterator.close()
   if config.plots and jax.process_index() == 0 and pending is not None:
     metrics_lib.plot(workdir)
+  if step > first_step:
+    how = "stopped by " + signal.Signals(guard.signal).name if guard.signal else "done"
+    loss = f", loss {reporter.last_loss:.4f}" if reporter.last_loss is not None else ""
+    console.say(f"{config.stage}: {how} at step {step} after "
+                f"{time.perf_counter() - started:.0f} s{loss}; checkpoint in {workdir}")
   return state

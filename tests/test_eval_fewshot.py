@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from xattn_vlm.data import default_tokenizer, sequence, shapes_world
-from xattn_vlm.eval import prompts
+from xattn_vlm.data import default_tokenizer, sequence
+from xattn_vlm.data.shapes import world as shapes_world
+from xattn_vlm.eval import fewshot
 
 EOC = "<|endofchunk|>"
 
@@ -75,8 +76,8 @@ GOLDEN = {
 @pytest.mark.parametrize("task, shots", sorted(GOLDEN))
 def test_prompt_golden(task, shots):
   examples = EXAMPLES[task]
-  demos = examples[:prompts.num_demonstrations(shots)]
-  prompt = prompts.build_prompt(task, examples[-1], demos, shots)
+  demos = examples[:fewshot.num_demonstrations(shots)]
+  prompt = fewshot.build_prompt(task, examples[-1], demos, shots)
   assert prompt.text == GOLDEN[(task, shots)]
   # One image per image token, demonstrations first, the query last; none for text-only demos.
   expected_images = [d["image"] for d in demos] if shots else []
@@ -98,32 +99,32 @@ def test_binding_template_is_the_episode_text(num_shots):
   names = dict(zip(episode["shapes"], episode["names"]))
   demos = [{"image": i, "name": names[scene.objects[0].shape]}
            for i, scene in enumerate(episode["scenes"][:-1])]
-  prompt = prompts.build_prompt("shapes_binding", {"image": "query"}, demos, num_shots)
+  prompt = fewshot.build_prompt("shapes_binding", {"image": "query"}, demos, num_shots)
   assert trained.startswith(prompt.text)
   assert trained[len(prompt.text):].startswith(f" {episode['answer']}." + EOC)
 
 
 def test_num_demonstrations():
-  assert [prompts.num_demonstrations(s) for s in (0, 4, 8, 16, 32)] == [2, 4, 8, 16, 32]
+  assert [fewshot.num_demonstrations(s) for s in (0, 4, 8, 16, 32)] == [2, 4, 8, 16, 32]
   with pytest.raises(ValueError, match="shots"):
-    prompts.num_demonstrations(-1)
+    fewshot.num_demonstrations(-1)
 
 
 def test_custom_template_and_errors():
-  template = prompts.PromptTemplate("<image>Caption ({lang}): {text}<|endofchunk|>", "text")
+  template = fewshot.PromptTemplate("<image>Caption ({lang}): {text}<|endofchunk|>", "text")
   query = {"image": 0, "lang": "fr"}
   demo = {"image": 1, "lang": "fr", "text": "un chat"}
-  assert prompts.build_prompt(template, query, [demo], 1) == (
+  assert fewshot.build_prompt(template, query, [demo], 1) == (
       "<image>Caption (fr): un chat<|endofchunk|><image>Caption (fr):", [1, 0])  # no space left
   with pytest.raises(ValueError, match="needs 2 demonstrations"):
-    prompts.build_prompt(template, query, [demo], 0)
+    fewshot.build_prompt(template, query, [demo], 0)
   with pytest.raises(KeyError, match="'lang'"):
-    prompts.build_prompt(template, {"image": 0}, [demo], 1)
+    fewshot.build_prompt(template, {"image": 0}, [demo], 1)
   with pytest.raises(KeyError, match="image_key"):
-    prompts.build_prompt(template, {"lang": "fr"}, [demo], 1)
+    fewshot.build_prompt(template, {"lang": "fr"}, [demo], 1)
   with pytest.raises(KeyError, match="captioning"):
-    prompts.build_prompt("caption", query, [demo], 1)
+    fewshot.build_prompt("caption", query, [demo], 1)
   with pytest.raises(ValueError, match="exactly one {answer}"):
-    prompts.PromptTemplate("<image>{question}", "answer")
+    fewshot.PromptTemplate("<image>{question}", "answer")
   with pytest.raises(ValueError, match="image token"):
-    prompts.PromptTemplate("Output:{caption}", "caption")
+    fewshot.PromptTemplate("Output:{caption}", "caption")

@@ -14,7 +14,7 @@ import dataclasses
 import string
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from xattn_vlm.data import shapes_world
+from xattn_vlm.data.shapes import world as shapes_world
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -84,7 +84,7 @@ def _fields(text: str) -> list[str]:
   return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
 
 
-# OpenFlamingo's prompts (REFERENCE.md). Its code ends every demonstration with <|endofchunk|>,
+# OpenFlamingo's prompts (its paper and evaluation code). Its code ends every demonstration with <|endofchunk|>,
 # the ImageNet and Hateful Memes ones included.
 TEMPLATES: dict[str, PromptTemplate] = {
     "captioning": PromptTemplate(f"{IMAGE_TOKEN}Output:{{caption}}{END_OF_CHUNK}", "caption"),
@@ -103,7 +103,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
 }
 
 
-class Prompt(NamedTuple):
+class FewShotPrompt(NamedTuple):
   """The prompt text and its images, in the order of the image tokens in the text."""
   text: str
   images: list
@@ -118,7 +118,7 @@ def num_demonstrations(shots: int) -> int:
 
 def build_prompt(template: PromptTemplate | str, query: Mapping[str, Any],
                  demonstrations: Sequence[Mapping[str, Any]], shots: int, *,
-                 image_key: str = "image") -> Prompt:
+                 image_key: str = "image") -> FewShotPrompt:
   """The ``shots``-shot prompt for ``query``.
 
   Args:
@@ -149,7 +149,7 @@ def build_prompt(template: PromptTemplate | str, query: Mapping[str, Any],
     images = [_image(demo, image_key, f"demonstrations[{i}]")
               for i, demo in enumerate(demonstrations)]
   images.append(_image(query, image_key, "query"))
-  return Prompt("".join(texts) + template.query(query), images)
+  return FewShotPrompt("".join(texts) + template.query(query), images)
 
 
 def _image(example: Mapping[str, Any], image_key: str, name: str):

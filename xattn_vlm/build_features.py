@@ -1,14 +1,14 @@
-"""``python -m xattn_vlm.train.build_features --config=experiments/<name>.py[:preset] --output=DIR``
+"""``python -m xattn_vlm.build_features --config=experiments/<name>.py[:preset] --output=DIR``
 
 Caches the frozen vision tower's features of the config's Flamingo-stage datasets in a new
-directory, for ``--config.data.feature_cache=DIR`` (``feature_cache.build_features``).
+directory, for ``--config.data.feature_cache=DIR`` (``train.feature_cache.build_features``):
+training then reads them instead of running the tower.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from xattn_vlm import host
+from xattn_vlm import cli
 from xattn_vlm.train import feature_cache
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
@@ -19,13 +19,14 @@ flags.mark_flags_as_required(["config", "output"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if host.REUSE_FREED_MEMORY.value:
-    host.reuse_freed_memory()
+def build_features() -> None:
   feature_cache.build_features(FLAGS.config, FLAGS.output, batch_size=FLAGS.batch_size)
 
 
+def main() -> None:
+  cli.run(build_features, name="build-features", doc=__doc__, module=__name__,
+          log_dir=lambda: FLAGS.output, training=True)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()
