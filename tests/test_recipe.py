@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from xattn_vlm import recipe
 from xattn_vlm.data.sequence import IGNORE_INDEX
@@ -17,6 +18,7 @@ from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import sharding
+from xattn_vlm.train import configs
 from xattn_vlm.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -39,7 +41,7 @@ def test_smoke_recipe_beats_the_untrained_model_on_vqa(tmp_path):
   untrained = np.mean([np.mean(s) for s in summary["untrained"]["shapes_vqa"].values()])
   assert trained > untrained, (trained, untrained)
   assert set(summary["results"]) == {"shapes_captioning", "shapes_vqa", "shapes_binding"}
-  assert set(summary["seconds"]) >= set(recipe.STAGES) | {"eval", "total"}
+  assert set(summary["seconds"]) >= set(configs.STAGES) | {"eval", "total"}
   saved = json.loads((tmp_path / recipe.SUMMARY).read_text())
   assert saved["results"]["shapes_vqa"] == {str(k): v for k, v in
                                            summary["results"]["shapes_vqa"].items()}
@@ -55,8 +57,8 @@ def test_smoke_recipe_beats_the_untrained_model_on_vqa(tmp_path):
 
 def test_recipe_presets():
   smoke, full = shapes_tiny("smoke"), shapes_tiny("recipe")
-  assert set(full.stages) == set(recipe.STAGES)
-  for stage in recipe.STAGES:
+  assert set(full.stages) == set(configs.STAGES)
+  for stage in configs.STAGES:
     assert smoke.stages[stage].total_steps < full.stages[stage].total_steps
   assert tuple(full.eval.shots) == (0, 4, 8)
   with pytest.raises(ValueError, match="steps=N"):
@@ -117,3 +119,22 @@ def test_image_reliance_is_exactly_blind_with_gates_at_zero_and_sees_with_gates_
   seen = diagnostics.image_reliance(config, recipe.flamingo_model(config, opened),
                                      num_batches=1)
   assert seen["own_nll"] != seen["swapped_nll"]
+
+
+def test_grid_texts_stay_in_their_cells(tmp_path):
+  """Long captions and answers wrap and are cut inside their own cell: no text box overlaps an
+  image or another text (grid.png once printed a row's captions over the row above)."""
+  rng = np.random.default_rng(0)
+  long = " ".join(["plaf ranx breaf"] * 30)
+  panels = [(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), f"model: {long}\nreference: {long}")
+            for _ in range(7)]
+  fig, texts, images = report.draw_grid(panels, "title", tmp_path / "grid.png")
+  renderer = FigureCanvasAgg(fig).get_renderer()
+  boxes = [t.get_window_extent(renderer) for t in texts]
+  image_boxes = [ax.get_window_extent(renderer) for ax in images]
+  assert (tmp_path / "grid.png").is_file()
+  for i, box in enumerate(boxes):
+    assert len(texts[i].get_text().splitlines()) <= 7
+    assert not any(box.overlaps(other) for other in image_boxes)
+    assert not any(box.overlaps(other) for j, other in enumerate(boxes) if j != i)
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)

@@ -18,13 +18,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from xattn_vlm.data import shapes_world
+from xattn_vlm.data.shapes import world as shapes_world
 from xattn_vlm.eval import metrics as metrics_lib
 from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import runner
 from xattn_vlm.eval import tasks as tasks_lib
-from xattn_vlm.models import summary as summary_lib
+from xattn_vlm.models import parameters
 from xattn_vlm.train import metrics as train_metrics
+from xattn_vlm.train.configs import STAGES
 
 REPORT = "report.md"
 FIGURE = "report.png"
@@ -32,7 +33,6 @@ GRID = "grid.png"
 # "Far above" the majority baseline: 10 points, almost 3 standard deviations of an accuracy near
 # 22% over 128 questions, so that noise alone does not pass the check.
 VQA_MARGIN = 10.0
-STAGES = ("lm_pretrain", "vision_pretrain", "flamingo")
 TITLES = {"shapes_captioning": "captioning (CIDEr)", "shapes_vqa": "VQA accuracy (%)",
           "shapes_binding": "in-context binding accuracy (%)"}
 
@@ -179,7 +179,7 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
     final = train_metrics.read_metrics(str(workdir / stage))[-1]["loss"]
     batches = ", ".join(f"{n} {d.batch_size} (x{d.weight})" for n, d in cfg.data.datasets.items())
     lines.append(f"| {stage} | {cfg.total_steps} | {final:.3f} | {batches} |")
-  counts = summary_lib.count_parameters(config.stages.flamingo.model)
+  counts = parameters.count_parameters(config.stages.flamingo.model)
   lines += ["", "Parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ".", "",
             f"![training and few-shot curves]({FIGURE})", "",
             f"![test images with the model's captions and answers]({GRID})", ""]
@@ -269,18 +269,52 @@ def grid(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     panels.append((record["image"], f"Q: {record['question']}\nmodel: "
                                      f"{answers[key]['prediction']}   truth: "
                                      f"{record['answers'][0]}"))
-  if not panels:
-    return
-  columns = 4
+  if panels:
+    draw_grid(panels, f"shapes-world test images as the model sees them, {shown}-shot prompts",
+              workdir / GRID)
+
+
+# A grid cell, in inches: the image on top, its text below it in a box of its own.
+_CELL_WIDTH, _IMAGE_SIZE, _TEXT_HEIGHT, _MARGIN = 3.2, 2.4, 1.2, 0.15
+_TEXT_LINES, _TEXT_WIDTH = 7, 40  # what fits the text box at 8 pt, in lines and characters
+
+
+def panel_text(text: str) -> str:
+  """``text`` wrapped to the cell's width and cut to the lines its box holds."""
+  lines = [wrapped for line in text.split("\n")
+           for wrapped in (textwrap.wrap(line, _TEXT_WIDTH, break_long_words=True) or [""])]
+  if len(lines) > _TEXT_LINES:
+    lines = lines[:_TEXT_LINES - 1] + [lines[_TEXT_LINES - 1][:_TEXT_WIDTH - 3] + "..."]
+  return "\n".join(lines)
+
+
+def draw_grid(panels: Sequence[tuple[np.ndarray, str]], title: str, path: pathlib.Path,
+              columns: int = 4) -> tuple[Any, list, list]:
+  """Images in rows of ``columns``, each with its text in a box right below it: every cell has
+  a fixed place, so no text reaches into another cell's image. Returns the figure's text
+  artists and image axes (for checks) after saving it to ``path``, with the figure."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
   rows = -(-len(panels) // columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 5.2 * rows), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, (image, text) in zip(axes.flat, panels):
+  cell_height = _IMAGE_SIZE + _TEXT_HEIGHT + _MARGIN
+  width, height = columns * _CELL_WIDTH, rows * cell_height + 0.5
+  fig = plt.figure(figsize=(width, height))
+  fig.suptitle(title, y=1 - 0.15 / height, fontsize=10)
+  texts, image_axes = [], []
+  for i, (image, text) in enumerate(panels):
+    row, column = divmod(i, columns)
+    left = column * _CELL_WIDTH + (_CELL_WIDTH - _IMAGE_SIZE) / 2
+    top = height - 0.5 - row * cell_height  # inches from the bottom
+    ax = fig.add_axes((left / width, (top - _IMAGE_SIZE) / height, _IMAGE_SIZE / width,
+                       _IMAGE_SIZE / height))
     ax.imshow(Image.fromarray(image).resize((192, 192), Image.NEAREST))
-    ax.set_title("\n".join(textwrap.fill(line, 44) for line in text.split("\n")),
-                 fontsize=8, loc="left")
-  fig.suptitle(f"shapes-world test images as the model sees them, {shown}-shot prompts")
-  fig.tight_layout(rect=(0, 0, 1, 0.97))
-  fig.savefig(workdir / GRID, dpi=80)
+    ax.axis("off")
+    image_axes.append(ax)
+    texts.append(fig.text((column * _CELL_WIDTH + 0.1) / width, (top - _IMAGE_SIZE - 0.05) / height,
+                          panel_text(text),
+                          fontsize=8, va="top", ha="left", family="monospace"))
+  fig.savefig(path, dpi=80)
   plt.close(fig)
+  return fig, texts, image_axes
