@@ -10,19 +10,39 @@ from __future__ import annotations
 
 import ml_collections
 
-LM_FAMILIES = ("gpt2", "llama")
+LM_FAMILIES = ("gpt2", "llama", "mpt", "gpt_neox")
+# Each family's defaults: tied head, q/k/v biases, MLP activation.
+_FAMILY_DEFAULTS = {
+    "gpt2": (True, True, "gelu_new"),
+    "llama": (False, False, "silu"),
+    "mpt": (True, False, "gelu"),
+    "gpt_neox": (False, True, "gelu"),
+}
 
 
 def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int,
               mlp_dim: int, max_length: int, num_kv_heads: int | None = None,
               head_dim: int | None = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
               tie_word_embeddings: bool | None = None, attention_bias: bool | None = None,
-              activation: str | None = None) -> ml_collections.ConfigDict:
+              activation: str | None = None, rotary_fraction: float = 1.0,
+              parallel_residual: bool = False, alibi_bias_max: float = 8.0,
+              qk_norm: bool = False) -> ml_collections.ConfigDict:
   """A decoder LM config. ``gpt2``: learned positions, LayerNorm, GELU (tanh), biases, tied head.
-  ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v bias (Qwen2)."""
+  ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v bias (Qwen2).
+  ``mpt``: ALiBi (slopes ``2^(-alibi_bias_max (h+1) / H)``), no biases, LayerNorm without bias,
+  exact GELU, tied head, ``qk_norm``: LayerNorm of q and k over their full width (MosaicGPT).
+  ``gpt_neox``: RoPE over ``rotary_fraction`` of each head, LayerNorm, biases everywhere, GELU,
+  ``parallel_residual`` (attention and MLP both read the block input), untied head."""
   if family not in LM_FAMILIES:
     raise ValueError(f"lm family must be one of {LM_FAMILIES}, got {family!r}")
-  gpt2 = family == "gpt2"
+  if qk_norm and family != "mpt":
+    raise ValueError(f"lm qk_norm is MPT's (family 'mpt'), got it with family {family!r}")
+  if parallel_residual and family != "gpt_neox":
+    raise ValueError(f"lm parallel_residual is GPT-NeoX's (family 'gpt_neox'), got it with "
+                     f"family {family!r}")
+  if not 0 < rotary_fraction <= 1:
+    raise ValueError(f"lm rotary_fraction must be in (0, 1], got {rotary_fraction}")
+  tied, biased, act = _FAMILY_DEFAULTS[family]
   return ml_collections.ConfigDict(dict(
       family=family,
       vocab_size=vocab_size,
@@ -35,9 +55,13 @@ def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, 
       max_length=max_length,
       norm_eps=norm_eps,
       rope_theta=rope_theta,
-      tie_word_embeddings=gpt2 if tie_word_embeddings is None else tie_word_embeddings,
-      attention_bias=gpt2 if attention_bias is None else attention_bias,
-      activation=activation or ("gelu_new" if gpt2 else "silu"),
+      tie_word_embeddings=tied if tie_word_embeddings is None else tie_word_embeddings,
+      attention_bias=biased if attention_bias is None else attention_bias,
+      activation=activation or act,
+      rotary_fraction=rotary_fraction,
+      parallel_residual=parallel_residual,
+      alibi_bias_max=alibi_bias_max,
+      qk_norm=qk_norm,
   ))
 
 
