@@ -5,7 +5,7 @@ transformers LMs and a tiny CLIP tower, or transformers' IDEFICS), saves it exac
 the published files have, and returns the saved paths with the reference torch model. The
 importer tests use them, and so can later tests (conversion CLI, evaluation fidelity).
 
-What the published files hold, and so what these builders reproduce (``/work/shared/CHECKPOINTS.md``):
+What the published files hold, and so what these builders reproduce (see CHECKPOINTS.md):
   * OpenFlamingo ``checkpoint.pt``: OpenFlamingo's own ``filter_state_dict_to_trainable`` of the
     whole model (perceiver, gated blocks, every parameter whose name holds "embed"), so no LM or
     vision weights; the base LM folder is the LM as published, before OpenFlamingo added
@@ -30,6 +30,8 @@ import transformers
 TOKENIZER_VOCAB = 64  # the tokenizer's own vocabulary: the LM vocabulary once imported
 PADDED_VOCAB = 72  # MPT's and GPT-NeoX's tables are padded beyond the tokenizer
 WIDTH, HEADS, LAYERS = 32, 4, 4
+OPENFLAMINGO_LAYERS = 2  # LM blocks of the OpenFlamingo references (compile time is the cost)
+PERCEIVER_DEPTH = 2  # OpenFlamingo's own PerceiverResampler class, shallower than its default 6
 IMAGE_SIZE, PATCH = 16, 8  # 4 patches per image
 VISION_WIDTH = 24
 EOC, MEDIA, PAD = TOKENIZER_VOCAB, TOKENIZER_VOCAB + 1, TOKENIZER_VOCAB + 2  # OpenFlamingo's ids
@@ -47,7 +49,7 @@ OPENFLAMINGO_VARIANTS = {
 class Reference:
   """A saved reference model.
 
-  model: the torch model in eval mode (OpenFlamingo's ``Flamingo`` or ``IdeficsForVisionText2Text``).
+  model: the torch model in eval mode (OpenFlamingo's ``Flamingo``, ``IdeficsForVisionText2Text``).
   checkpoint: OpenFlamingo's ``checkpoint.pt``, or the IDEFICS folder.
   lm, vision: the base LM and CLIP folders (OpenFlamingo only).
   media_token_id, eoc_token_id: the model's ids (eoc None for IDEFICS).
@@ -65,11 +67,13 @@ def import_open_flamingo():
   and open_clip needs torchvision) or wandb (its train_utils import it for logging only)."""
   for name in ("open_clip", "wandb"):
     sys.modules.setdefault(name, types.ModuleType(name))
-  from open_flamingo.src import flamingo, flamingo_lm, utils  # pylint: disable=import-outside-toplevel
-  from open_flamingo.train import train_utils  # pylint: disable=import-outside-toplevel
-  return types.SimpleNamespace(Flamingo=flamingo.Flamingo, FlamingoLMMixin=flamingo_lm.FlamingoLMMixin,
-                               extend_instance=utils.extend_instance,
-                               filter_state_dict_to_trainable=train_utils.filter_state_dict_to_trainable)
+  # pylint: disable=import-outside-toplevel
+  from open_flamingo.src import flamingo, flamingo_lm, helpers, utils
+  from open_flamingo.train import train_utils
+  return types.SimpleNamespace(
+      Flamingo=flamingo.Flamingo, FlamingoLMMixin=flamingo_lm.FlamingoLMMixin,
+      PerceiverResampler=helpers.PerceiverResampler, extend_instance=utils.extend_instance,
+      filter_state_dict_to_trainable=train_utils.filter_state_dict_to_trainable)
 
 
 def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
@@ -131,24 +135,24 @@ MOSAIC_GPT_CONFIG = dict(
     tokenizer_name="EleutherAI/gpt-neox-20b")
 
 
-def tiny_lm(kind: str, folder: pathlib.Path, seed: int = 0):
+def tiny_lm(kind: str, folder: pathlib.Path, seed: int = 0, layers: int = LAYERS):
   """A tiny random base LM of ``kind`` (llama, mpt, mosaic_gpt, gpt_neox) saved in ``folder`` as
   the published base LM is (un-resized). Returns the torch LM."""
   if kind == "llama":
     config = transformers.LlamaConfig(
-        vocab_size=TOKENIZER_VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1,
-        eos_token_id=2, pad_token_id=None)
+        vocab_size=TOKENIZER_VOCAB, hidden_size=WIDTH, intermediate_size=48,
+        num_hidden_layers=layers, num_attention_heads=HEADS, max_position_embeddings=64,
+        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     lm = transformers.LlamaForCausalLM(config)
   elif kind in ("mpt", "mosaic_gpt"):
-    config = transformers.MptConfig(d_model=WIDTH, n_heads=HEADS, n_layers=LAYERS, max_seq_len=64,
+    config = transformers.MptConfig(d_model=WIDTH, n_heads=HEADS, n_layers=layers, max_seq_len=64,
                                     vocab_size=PADDED_VOCAB, eos_token_id=0)
     lm = transformers.MptForCausalLM(config)
   elif kind == "gpt_neox":
     # RedPajama-INCITE-3B's architecture: full rotary, sequential residual, untied head.
     config = transformers.GPTNeoXConfig(
         vocab_size=PADDED_VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=64,
+        num_hidden_layers=layers, num_attention_heads=HEADS, max_position_embeddings=64,
         rotary_pct=1.0, use_parallel_residual=False, eos_token_id=0)
     lm = transformers.GPTNeoXForCausalLM(config)
   else:
@@ -162,7 +166,7 @@ def tiny_lm(kind: str, folder: pathlib.Path, seed: int = 0):
   folder.mkdir(parents=True, exist_ok=True)
   if kind == "mosaic_gpt":
     safetensors.torch.save_file(_mosaic_gpt_state(lm), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(MOSAIC_GPT_CONFIG))
+    (folder / "config.json").write_text(json.dumps({**MOSAIC_GPT_CONFIG, "n_layers": layers}))
   else:
     lm.save_pretrained(folder)
   return lm
@@ -213,7 +217,7 @@ def openflamingo(variant: str, folder: pathlib.Path, seed: int = 0) -> Reference
   of = import_open_flamingo()
   kind, every_n, with_class_token = OPENFLAMINGO_VARIANTS[variant]
   folder = pathlib.Path(folder)
-  lm = tiny_lm(kind, folder / "lm", seed)
+  lm = tiny_lm(kind, folder / "lm", seed, layers=OPENFLAMINGO_LAYERS)
   clip = tiny_clip(folder / "clip", seed + 1)
 
   of.extend_instance(lm, of.FlamingoLMMixin)
@@ -223,6 +227,7 @@ def openflamingo(variant: str, folder: pathlib.Path, seed: int = 0) -> Reference
   lm.resize_token_embeddings(TOKENIZER_VOCAB + 3)  # <|endofchunk|>, <image>, <PAD>
   model = of.Flamingo(_vision_encoder(clip, with_class_token), lm, EOC, MEDIA, vis_dim=VISION_WIDTH,
                       cross_attn_every_n_layers=every_n)
+  model.perceiver = of.PerceiverResampler(dim=VISION_WIDTH, depth=PERCEIVER_DEPTH)
   _randomise(model.perceiver, seed + 2, scale=0.3)
   for i, block in _gated_layers(model.lang_encoder):
     _randomise(block, seed + 3 + i, scale=0.3)
@@ -263,7 +268,7 @@ def openflamingo(variant: str, folder: pathlib.Path, seed: int = 0) -> Reference
 
 def openflamingo_inputs(seed: int = 0) -> dict[str, np.ndarray]:
   """An interleaved 2-image batch: left padding, text before the first image, and a row with one
-  image. ids [2, 14]; images [2, 2, 1, 3, H, W] (torch layout), the second row's second slot empty."""
+  image. ids [2, 14]; images [2, 2, 1, 3, H, W] (torch layout), row 1's second slot empty."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(3, TOKENIZER_VOCAB, (2, 14))
   ids[0, [2, 8]] = MEDIA
@@ -311,25 +316,23 @@ def idefics(folder: pathlib.Path, seed: int = 0) -> Reference:
 
 
 def idefics_inputs(seed: int = 0) -> dict[str, np.ndarray]:
-  """IDEFICS prompts as its processor lays them out (BOS, ``<fake><image><fake>`` per image), one
-  row left padded and text after ``</s>`` in both rows (which must then see no image until the
-  next one). ids [2, 16]; images [2, 2, 3, H, W]."""
+  """IDEFICS prompts as its processor lays them out (BOS, ``<fake><image><fake>`` per image), with
+  text after ``</s>`` (which sees no image until the next one): row 0 ends there, row 1 (left
+  padded) goes on to a second image. ids [2, 16]; images [2, 2, 3, H, W]."""
   rng = np.random.default_rng(seed)
-  ids = rng.integers(3, TOKENIZER_VOCAB, (2, 16))
   f, im, eos = IDEFICS_FAKE, IDEFICS_IMAGE, IDEFICS_EOS
-  ids[0, :] = [1, 7, f, im, f, 9, 10, eos, 11, 12, f, im, f, 13, eos, 14]
-  ids[1, :3] = 0
-  ids[1, 3:] = [1, f, im, f, 20, 21, 22, eos, 23, 24, 25, 26, 27]
+  ids = np.array([[1, 7, f, im, f, 9, 10, eos, 11, 12, f, im, f, 13, eos, 14],
+                  [0, 0, 0, 1, f, im, f, 20, 21, eos, 22, 23, f, im, f, 24]])
   mask = np.ones_like(ids)
   mask[1, :3] = 0
   images = rng.standard_normal((2, 2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
-  images[1, 1] = 0.0
   return dict(input_ids=ids, attention_mask=mask, images=images)
 
 
 def idefics_image_attention_mask(input_ids: np.ndarray, num_images: int) -> torch.Tensor:
   """IDEFICS's processor rule (``processing_idefics.py``) for ``input_ids``: [B, L, num_images]."""
-  from transformers.models.idefics import processing_idefics  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from transformers.models.idefics import processing_idefics
   tokenizer = types.SimpleNamespace(convert_tokens_to_ids=lambda token: IDEFICS_IMAGE,
                                     eos_token_id=IDEFICS_EOS)
   incremental, _ = processing_idefics.image_attention_mask_for_packed_input_ids(

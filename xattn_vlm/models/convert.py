@@ -40,6 +40,14 @@ def read_config(path: str | pathlib.Path) -> dict:
   return json.loads(config_file.read_text())
 
 
+class MissingTensorError(KeyError):
+  """A tensor a loader needs is not in the checkpoint; ``name`` is its name."""
+
+  def __init__(self, name: str, path):
+    super().__init__(f"tensor {name!r} not found in checkpoint {str(path)!r}")
+    self.name = name
+
+
 class Checkpoint:
   """The tensors of a local safetensors checkpoint, read lazily by name. It remembers which names
   were read, so an importer can name every tensor it did not map (``unread``)."""
@@ -70,7 +78,7 @@ class Checkpoint:
 
   def get(self, name: str) -> jax.Array:
     if name not in self._files:
-      raise KeyError(f"tensor {name!r} not found in checkpoint {str(self.path)!r}")
+      raise MissingTensorError(name, self.path)
     self.read.add(name)
     with safe_open(self._files[name], framework="flax") as f:
       return f.get_tensor(name)
@@ -163,7 +171,7 @@ def load_hf_vision(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.
   return encoder
 
 
-def _checked(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> jax.Array:
+def checked_tensor(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> jax.Array:
   """Tensor ``name`` after checking its shape as stored in the checkpoint."""
   value = ckpt.get(name)
   if tuple(value.shape) != tuple(expected):
@@ -172,17 +180,17 @@ def _checked(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> jax.Arra
   return value
 
 
-def _load_linear(dense, ckpt: Checkpoint, name: str) -> None:
+def load_linear(dense, ckpt: Checkpoint, name: str) -> None:
   """torch ``Linear`` (weight ``[out, in]``) into our ``Dense`` (kernel ``[*in, *out]``)."""
   n_in, n_out = math.prod(dense.in_features), math.prod(dense.out_features)
-  weight = _checked(ckpt, f"{name}.weight", (n_out, n_in))
+  weight = checked_tensor(ckpt, f"{name}.weight", (n_out, n_in))
   assign(dense.kernel, weight.T.reshape(dense.kernel.shape), f"{name}.weight")
   if dense.bias is not None:
-    bias = _checked(ckpt, f"{name}.bias", (n_out,))
+    bias = checked_tensor(ckpt, f"{name}.bias", (n_out,))
     assign(dense.bias, bias.reshape(dense.bias.shape), f"{name}.bias")
 
 
-def _load_layer_norm(norm, ckpt: Checkpoint, name: str) -> None:
+def load_norm(norm, ckpt: Checkpoint, name: str) -> None:
   """A torch LayerNorm or RMSNorm (``weight``, and ``bias`` when ours has one)."""
   assign(norm.scale, ckpt.get(f"{name}.weight"), f"{name}.weight")
   if getattr(norm, "bias", None) is not None:
@@ -223,7 +231,7 @@ def load_clip_vision(encoder: VisionEncoder, ckpt, prefix: str) -> None:
   """Fills ``encoder`` from the CLIP-named tensors under ``prefix`` of ``ckpt`` (anything with
   ``get``): Hugging Face's CLIP, and IDEFICS's tower (``model.vision_model.``)."""
   width, p, c = encoder.class_embedding.shape[0], encoder.patch_size, encoder.num_channels
-  conv = _checked(ckpt, f"{prefix}embeddings.patch_embedding.weight", (width, c, p, p))
+  conv = checked_tensor(ckpt, f"{prefix}embeddings.patch_embedding.weight", (width, c, p, p))
   # torch Conv2d weight [out, in, kh, kw] -> our patch kernel [kh, kw, in, out].
   assign(encoder.patch_embedding.kernel, conv.transpose(2, 3, 1, 0),
          f"{prefix}embeddings.patch_embedding.weight")
@@ -231,17 +239,17 @@ def load_clip_vision(encoder: VisionEncoder, ckpt, prefix: str) -> None:
          f"{prefix}embeddings.class_embedding")
   assign(encoder.position_embedding, ckpt.get(f"{prefix}embeddings.position_embedding.weight"),
          f"{prefix}embeddings.position_embedding.weight")
-  _load_layer_norm(encoder.pre_layrnorm, ckpt, f"{prefix}pre_layrnorm")
+  load_norm(encoder.pre_layrnorm, ckpt, f"{prefix}pre_layrnorm")
   for i, block in enumerate(encoder.layers):
     name = f"{prefix}encoder.layers.{i}"
-    _load_layer_norm(block.layer_norm1, ckpt, f"{name}.layer_norm1")
+    load_norm(block.layer_norm1, ckpt, f"{name}.layer_norm1")
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      _load_linear(getattr(block.self_attn, proj), ckpt, f"{name}.self_attn.{proj}")
-    _load_layer_norm(block.layer_norm2, ckpt, f"{name}.layer_norm2")
-    _load_linear(block.mlp.up, ckpt, f"{name}.mlp.fc1")
-    _load_linear(block.mlp.down, ckpt, f"{name}.mlp.fc2")
+      load_linear(getattr(block.self_attn, proj), ckpt, f"{name}.self_attn.{proj}")
+    load_norm(block.layer_norm2, ckpt, f"{name}.layer_norm2")
+    load_linear(block.mlp.up, ckpt, f"{name}.mlp.fc1")
+    load_linear(block.mlp.down, ckpt, f"{name}.mlp.fc2")
   if encoder.post_layernorm is not None:
-    _load_layer_norm(encoder.post_layernorm, ckpt, f"{prefix}post_layernorm")
+    load_norm(encoder.post_layernorm, ckpt, f"{prefix}post_layernorm")
 
 
 # --- Decoder LMs: Hugging Face GPT-2, LLaMA, Mistral, Qwen2, MPT (and MosaicGPT), GPT-NeoX ---
@@ -423,9 +431,9 @@ def _lm_prefix(ckpt: Checkpoint, prefix: str, probe: str, family: str) -> str:
 def _load_conv1d(dense, ckpt: Checkpoint, name: str) -> None:
   """GPT-2's ``Conv1D`` (weight ``[in, out]``) into our ``Dense`` (kernel ``[*in, *out]``)."""
   n_in, n_out = math.prod(dense.in_features), math.prod(dense.out_features)
-  weight = _checked(ckpt, f"{name}.weight", (n_in, n_out))
+  weight = checked_tensor(ckpt, f"{name}.weight", (n_in, n_out))
   assign(dense.kernel, weight.reshape(dense.in_features + dense.out_features), f"{name}.weight")
-  bias = _checked(ckpt, f"{name}.bias", (n_out,))
+  bias = checked_tensor(ckpt, f"{name}.bias", (n_out,))
   assign(dense.bias, bias.reshape(dense.out_features), f"{name}.bias")
 
 
@@ -433,8 +441,8 @@ def _load_gpt2_attention(attn, ckpt: Checkpoint, name: str) -> None:
   """GPT-2's fused ``c_attn`` ([D, 3 * H * Dh], q then k then v) and ``c_proj``."""
   d = attn.query.in_features[0]
   width = math.prod(attn.query.out_features)
-  weight = _checked(ckpt, f"{name}.c_attn.weight", (d, 3 * width))
-  bias = _checked(ckpt, f"{name}.c_attn.bias", (3 * width,))
+  weight = checked_tensor(ckpt, f"{name}.c_attn.weight", (d, 3 * width))
+  bias = checked_tensor(ckpt, f"{name}.c_attn.bias", (3 * width,))
   for dense, w, b in zip((attn.query, attn.key, attn.value), jnp.split(weight, 3, axis=1),
                          jnp.split(bias, 3)):
     assign(dense.kernel, w.reshape(dense.in_features + dense.out_features), f"{name}.c_attn.weight")
@@ -442,34 +450,42 @@ def _load_gpt2_attention(attn, ckpt: Checkpoint, name: str) -> None:
   _load_conv1d(attn.out, ckpt, f"{name}.c_proj")
 
 
-def _load_gpt2(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
+def _gpt2_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "gpt2")
+  return f"{prefix}wte.weight", "lm_head.weight"
+
+
+def _load_gpt2(lm: DecoderLM, ckpt: Checkpoint) -> None:
   prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "gpt2")
   assign(lm.position_embed.embedding, ckpt.get(f"{prefix}wpe.weight"), f"{prefix}wpe.weight")
   for i, block in enumerate(lm.blocks):
     name = f"{prefix}h.{i}"
-    _load_layer_norm(block.attn_norm, ckpt, f"{name}.ln_1")
+    load_norm(block.attn_norm, ckpt, f"{name}.ln_1")
     _load_gpt2_attention(block.attn, ckpt, f"{name}.attn")
-    _load_layer_norm(block.mlp_norm, ckpt, f"{name}.ln_2")
+    load_norm(block.mlp_norm, ckpt, f"{name}.ln_2")
     _load_conv1d(block.mlp.up, ckpt, f"{name}.mlp.c_fc")
     _load_conv1d(block.mlp.down, ckpt, f"{name}.mlp.c_proj")
-  _load_layer_norm(lm.final_norm, ckpt, f"{prefix}ln_f")
-  return f"{prefix}wte.weight", "lm_head.weight"
+  load_norm(lm.final_norm, ckpt, f"{prefix}ln_f")
 
 
-def _load_llama(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
+def _llama_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  prefix = _lm_prefix(ckpt, "model.", "embed_tokens.weight", "llama")
+  return f"{prefix}embed_tokens.weight", "lm_head.weight"
+
+
+def _load_llama(lm: DecoderLM, ckpt: Checkpoint) -> None:
   prefix = _lm_prefix(ckpt, "model.", "embed_tokens.weight", "llama")
   for i, block in enumerate(lm.blocks):
     name = f"{prefix}layers.{i}"
-    _load_layer_norm(block.attn_norm, ckpt, f"{name}.input_layernorm")
+    load_norm(block.attn_norm, ckpt, f"{name}.input_layernorm")
     for dense, proj in ((block.attn.query, "q_proj"), (block.attn.key, "k_proj"),
                         (block.attn.value, "v_proj"), (block.attn.out, "o_proj")):
-      _load_linear(dense, ckpt, f"{name}.self_attn.{proj}")
-    _load_layer_norm(block.mlp_norm, ckpt, f"{name}.post_attention_layernorm")
+      load_linear(dense, ckpt, f"{name}.self_attn.{proj}")
+    load_norm(block.mlp_norm, ckpt, f"{name}.post_attention_layernorm")
     for dense, proj in ((block.mlp.gate, "gate_proj"), (block.mlp.up, "up_proj"),
                         (block.mlp.down, "down_proj")):
-      _load_linear(dense, ckpt, f"{name}.mlp.{proj}")
-  _load_layer_norm(lm.final_norm, ckpt, f"{prefix}norm")
-  return f"{prefix}embed_tokens.weight", "lm_head.weight"
+      load_linear(dense, ckpt, f"{name}.mlp.{proj}")
+  load_norm(lm.final_norm, ckpt, f"{prefix}norm")
 
 
 def _load_fused_qkv(attn, weight, bias, name: str) -> None:
@@ -485,7 +501,12 @@ _MOSAIC_GPT_NAMES = {"norm_1": "ln_1", "norm_2": "ln_2", "ffn.up_proj": "mlp.mlp
                      "ffn.down_proj": "mlp.mlp_down", "norm_f": "ln_f"}
 
 
-def _load_mpt(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
+def _mpt_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "mpt")
+  return f"{prefix}wte.weight", "lm_head.weight"
+
+
+def _load_mpt(lm: DecoderLM, ckpt: Checkpoint) -> None:
   """MPT's tensors, in transformers' and MPT-7B's names or in MosaicGPT's (``ln_1``, ``mlp.mlp_up``,
   ``ln_f``, and ``attn.q_ln`` / ``attn.k_ln`` for the full-width q/k LayerNorm)."""
   prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "mpt")
@@ -495,87 +516,85 @@ def _load_mpt(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
   h, dh, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
   for i, block in enumerate(lm.blocks):
     name = f"{prefix}blocks.{i}"
-    _load_layer_norm(block.attn_norm, ckpt, f"{name}.{rename('norm_1')}")
+    load_norm(block.attn_norm, ckpt, f"{name}.{rename('norm_1')}")
     # Wqkv's output is q, k and v in contiguous thirds, each split into heads.
-    wqkv = _checked(ckpt, f"{name}.attn.Wqkv.weight", (3 * h * dh, d))
+    wqkv = checked_tensor(ckpt, f"{name}.attn.Wqkv.weight", (3 * h * dh, d))
     _load_fused_qkv(block.attn, wqkv.reshape(3, h, dh, d), None, f"{name}.attn.Wqkv")
     if block.attn.q_norm is not None:
-      _load_layer_norm(block.attn.q_norm, ckpt, f"{name}.attn.q_ln")
-      _load_layer_norm(block.attn.k_norm, ckpt, f"{name}.attn.k_ln")
-    _load_linear(block.attn.out, ckpt, f"{name}.attn.out_proj")
-    _load_layer_norm(block.mlp_norm, ckpt, f"{name}.{rename('norm_2')}")
-    _load_linear(block.mlp.up, ckpt, f"{name}.{rename('ffn.up_proj')}")
-    _load_linear(block.mlp.down, ckpt, f"{name}.{rename('ffn.down_proj')}")
-  _load_layer_norm(lm.final_norm, ckpt, f"{prefix}{rename('norm_f')}")
-  return f"{prefix}wte.weight", "lm_head.weight"
+      load_norm(block.attn.q_norm, ckpt, f"{name}.attn.q_ln")
+      load_norm(block.attn.k_norm, ckpt, f"{name}.attn.k_ln")
+    load_linear(block.attn.out, ckpt, f"{name}.attn.out_proj")
+    load_norm(block.mlp_norm, ckpt, f"{name}.{rename('norm_2')}")
+    load_linear(block.mlp.up, ckpt, f"{name}.{rename('ffn.up_proj')}")
+    load_linear(block.mlp.down, ckpt, f"{name}.{rename('ffn.down_proj')}")
+  load_norm(lm.final_norm, ckpt, f"{prefix}{rename('norm_f')}")
 
 
-def _load_gpt_neox(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
-  """GPT-NeoX's tensors. Its head is ``embed_out`` in the published files and ``lm_head`` in what
+def _gpt_neox_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  """GPT-NeoX's head is ``embed_out`` in the published files and ``lm_head`` in what
   transformers 5 holds in memory: either name is read."""
+  prefix = _lm_prefix(ckpt, "gpt_neox.", "embed_in.weight", "gpt_neox")
+  head = "embed_out.weight" if "embed_out.weight" in ckpt else "lm_head.weight"
+  return f"{prefix}embed_in.weight", head
+
+
+def _load_gpt_neox(lm: DecoderLM, ckpt: Checkpoint) -> None:
   prefix = _lm_prefix(ckpt, "gpt_neox.", "embed_in.weight", "gpt_neox")
   cfg = lm.cfg
   h, dh, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
   for i, block in enumerate(lm.blocks):
     name = f"{prefix}layers.{i}"
-    _load_layer_norm(block.attn_norm, ckpt, f"{name}.input_layernorm")
+    load_norm(block.attn_norm, ckpt, f"{name}.input_layernorm")
     # query_key_value is fused per head: its output is [H, (q, k, v), Dh].
     qkv = f"{name}.attention.query_key_value"
-    weight = _checked(ckpt, f"{qkv}.weight", (3 * h * dh, d)).reshape(h, 3, dh, d)
+    weight = checked_tensor(ckpt, f"{qkv}.weight", (3 * h * dh, d)).reshape(h, 3, dh, d)
     bias = None
     if cfg.attention_bias:
-      bias = _checked(ckpt, f"{qkv}.bias", (3 * h * dh,)).reshape(h, 3, dh).transpose(1, 0, 2)
+      bias = checked_tensor(ckpt, f"{qkv}.bias", (3 * h * dh,)).reshape(h, 3, dh).transpose(1, 0, 2)
     _load_fused_qkv(block.attn, weight.transpose(1, 0, 2, 3), bias, qkv)
-    _load_linear(block.attn.out, ckpt, f"{name}.attention.dense")
-    _load_layer_norm(block.mlp_norm, ckpt, f"{name}.post_attention_layernorm")
-    _load_linear(block.mlp.up, ckpt, f"{name}.mlp.dense_h_to_4h")
-    _load_linear(block.mlp.down, ckpt, f"{name}.mlp.dense_4h_to_h")
-  _load_layer_norm(lm.final_norm, ckpt, f"{prefix}final_layer_norm")
-  head = "embed_out.weight" if "embed_out.weight" in ckpt else "lm_head.weight"
-  return f"{prefix}embed_in.weight", head
+    load_linear(block.attn.out, ckpt, f"{name}.attention.dense")
+    load_norm(block.mlp_norm, ckpt, f"{name}.post_attention_layernorm")
+    load_linear(block.mlp.up, ckpt, f"{name}.mlp.dense_h_to_4h")
+    load_linear(block.mlp.down, ckpt, f"{name}.mlp.dense_4h_to_h")
+  load_norm(lm.final_norm, ckpt, f"{prefix}final_layer_norm")
 
 
-_LM_LOADERS = {"gpt2": _load_gpt2, "llama": _load_llama, "mpt": _load_mpt,
-               "gpt_neox": _load_gpt_neox}
+# Per family: the loader of everything but the vocabulary tables, and those tables' names.
+_LM_LOADERS = {"gpt2": (_load_gpt2, _gpt2_tables), "llama": (_load_llama, _llama_tables),
+               "mpt": (_load_mpt, _mpt_tables), "gpt_neox": (_load_gpt_neox, _gpt_neox_tables)}
 
 
-def load_hf_lm_blocks(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
+def load_hf_lm_blocks(lm: DecoderLM, ckpt: Checkpoint) -> None:
   """Fills everything of ``lm`` but its token table and untied head from ``ckpt`` (a
-  ``Checkpoint`` of a Hugging Face LM folder); returns the names of those two tensors there (the
-  head's None when tied), which the caller reads as it needs (whole, or cut to a vocabulary)."""
-  embed_name, head_name = _LM_LOADERS[lm.cfg.family](lm, ckpt)
+  ``Checkpoint`` of a Hugging Face LM, or anything with ``get`` and ``in``)."""
+  _LM_LOADERS[lm.cfg.family][0](lm, ckpt)
+
+
+def lm_table_names(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
+  """The names in ``ckpt`` of ``lm``'s token table and untied head (None when tied)."""
+  embed_name, head_name = _LM_LOADERS[lm.cfg.family][1](ckpt)
   return embed_name, None if lm.lm_head is None else head_name
 
 
-def assign_vocab_rows(variable: nnx.Variable, table, name: str, rows: int | None = None,
-                      transpose: bool = False) -> None:
-  """A ``[vocab, D]`` table (a token table, or a head's torch weight) into ``variable``: whole, or
-  its first ``rows`` rows (a table padded beyond the tokenizer). ``transpose`` writes it as a
-  ``[D, vocab]`` kernel."""
-  if rows is not None:
-    if table.shape[0] < rows:
-      raise ValueError(f"tensor {name!r} has {table.shape[0]} rows, fewer than the {rows} the "
-                       "model's vocabulary needs")
-    table = table[:rows]
-  assign(variable, table.T if transpose else table, name)
-
-
-def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path, *,
-                       truncate_vocab: bool = False) -> None:
+def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path) -> None:
   """Fills ``lm`` in place with the weights of a local Hugging Face decoder-LM folder.
 
   Tensor names may carry the base-model prefix (``transformer.`` for GPT-2 and MPT, ``model.`` for
-  the LLaMA family, ``gpt_neox.``) or not; a tied head reads no head tensor. ``truncate_vocab``
-  reads the first ``lm.cfg.vocab_size`` rows of the token table and head (MPT's and GPT-NeoX's
-  tables are padded beyond their tokenizer); otherwise the sizes must be equal. ``lm`` may be
+  the LLaMA family, ``gpt_neox.``) or not; a tied head reads no head tensor. ``lm`` may be
   abstract (from ``nnx.eval_shape``): every parameter then receives its checkpoint value.
   """
   ckpt = Checkpoint(path)
-  embed_name, head_name = load_hf_lm_blocks(lm, ckpt)
-  rows = lm.cfg.vocab_size if truncate_vocab else None
-  assign_vocab_rows(lm.token_embed.embedding, ckpt.get(embed_name), embed_name, rows)
+  load_hf_lm_blocks(lm, ckpt)
+  load_hf_lm_tables(lm, ckpt)
+
+
+def load_hf_lm_tables(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  """Fills ``lm``'s token table and untied head from ``ckpt``; their sizes must be the model's."""
+  embed_name, head_name = lm_table_names(lm, ckpt)
+  assign(lm.token_embed.embedding, ckpt.get(embed_name), embed_name)
   if head_name is not None:
-    assign_vocab_rows(lm.lm_head.kernel, ckpt.get(head_name), head_name, rows, transpose=True)
+    weight = checked_tensor(ckpt, head_name, lm.lm_head.kernel.shape[::-1])
+    assign(lm.lm_head.kernel, weight.T, head_name)
 
 
 def unfilled_parameters(model: nnx.Module) -> list[str]:
