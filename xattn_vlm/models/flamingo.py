@@ -206,7 +206,8 @@ class Flamingo(nnx.Module):
   def decode_step(self, input_ids: jax.Array, cache: FlamingoCache
                   ) -> tuple[jax.Array, FlamingoCache]:
     """One new token per sequence, input_ids [B, 1]: logits [B, 1, vocab + added] and the updated
-    cache. New tokens attend to the prompt's last image."""
+    cache. New tokens see what the prompt's last token sees: its last image (none after a
+    document end)."""
     if input_ids.ndim != 2 or input_ids.shape[1] != 1:
       raise ValueError(f"decode_step takes input_ids of shape [B, 1], got {tuple(input_ids.shape)}")
     num_media = cache.media_kv[0][0].shape[2] // self.config.resampler.num_latents \
