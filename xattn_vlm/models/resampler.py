@@ -2,9 +2,9 @@
 
 It turns the variable number of vision features of one medium (an image, or all frames of a video)
 into a fixed set of ``num_latents`` tokens that the gated cross-attention blocks read. Learned
-latents attend to ``concat(media tokens, latents)``; learned frame-time and media-time embeddings
-are the only position information (no spatial encoding, as in the paper). Each medium is resampled
-on its own: no attention crosses media.
+latents attend to ``concat(media tokens, latents)``; learned frame-time and media-time embeddings,
+when the config has them, are the only position information (no spatial encoding, as in the
+paper). Each medium is resampled on its own: no attention crosses media.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ class PerceiverResampler(nnx.Module):
     # small so that at initialisation they barely move the (LayerNorm-scale) vision features.
     self.latents = param(rngs, nnx.initializers.normal(1.0), (cfg.num_latents, width),
                          ("latents", "embed"), param_dtype)
-    # Without ``max_num_frames`` (OpenFlamingo, IDEFICS) the frames of a video are told apart by
-    # nothing but their order in the key sequence.
+    # Without ``max_num_frames`` (OpenFlamingo, IDEFICS) nothing tells a video's frames apart:
+    # their tokens form one unordered set of keys.
     self.frame_embs = (param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_frames, width),
                              (None, "embed"), param_dtype) if cfg.max_num_frames else None)
     # Without ``max_num_media`` (OpenFlamingo's default) an image's latents do not depend on its
