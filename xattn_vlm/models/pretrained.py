@@ -23,7 +23,6 @@ import pathlib
 import re
 import warnings
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
