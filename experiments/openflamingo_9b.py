@@ -16,6 +16,7 @@ Presets: ``mesh=gpu`` (tensor 8 in a node, fsdp 8) or ``mesh=tpu`` (fsdp 16 x te
 ``slices=N`` puts data over DCN.
 """
 
+from xattn_vlm import special_tokens
 from xattn_vlm.models import config as model_config
 from xattn_vlm.train import configs
 
@@ -27,4 +28,9 @@ def get_config(arg=None):
   config = configs.paper_config(model_config.openflamingo_9b(), MESHES, settings,
                                 interleaved_batch=256, pairs_batch=512, steps=200_000)
   config.data.max_images = 6
+  # Training loads MPT-7B's own table (50432 rows, padded beyond its tokenizer) and adds the special
+  # tokens in the order the trainer's tokenizer does; the preset's cut vocabulary and OpenFlamingo's
+  # order are for importing the published checkpoint (models.pretrained.load_openflamingo).
+  config.model.lm.vocab_size = 50432
+  config.model.added_tokens = special_tokens.DEFAULT_ADDED_TOKENS
   return config

@@ -70,6 +70,68 @@ def test_gated_block_placement_follows_openflamingo():
     flamingo_lib.gated_layer_indices(8, 0)
 
 
+def test_gated_block_placement_offset_gives_idefics_blocks():
+  """IDEFICS places its blocks before LM blocks 0, n, 2n: the same rule with offset n - 1."""
+  assert flamingo_lib.gated_layer_indices(8, 4, offset=3) == [0, 4]
+  assert flamingo_lib.gated_layer_indices(6, 2, offset=1) == [0, 2, 4]
+  assert flamingo_lib.gated_layer_indices(8, 4, offset=1) == [2, 6]
+  with pytest.raises(ValueError, match=r"xattn.offset must be in \[0, every_n_layers=4\), got 4"):
+    flamingo_lib.gated_layer_indices(8, 4, offset=4)
+  config = model_config.idefics_9b()
+  model = nnx.eval_shape(lambda: Flamingo(config, rngs=nnx.Rngs(0)))
+  assert model.gated_layers == tuple(range(0, 32, 4))
+
+
+def test_document_end_rule_matches_idefics_processor():
+  """After ``</s>`` a token sees no image until the next ``<image>`` (which sees its own), as
+  IDEFICS's processor builds ``image_attention_mask``; without the rule nothing resets."""
+  import reference_models  # torch and transformers: only this test needs them
+  image, eos, num_images = reference_models.IDEFICS_IMAGE, reference_models.IDEFICS_EOS, 4
+  rng = np.random.default_rng(0)
+  ids = rng.choice([3, 4, 5, image, eos], size=(16, 12), p=[0.3, 0.2, 0.2, 0.15, 0.15])
+  ids = np.where(np.cumsum(ids == image, axis=1) > num_images, 3, ids)  # at most 4 images
+  theirs = reference_models.idefics_image_attention_mask(ids, num_images).numpy().astype(bool)
+  media_index = media_locations(jnp.asarray(ids), image, document_end_token_id=eos)
+  ours = np.asarray(cross_attention_mask(media_index, num_images, 1, True))
+  np.testing.assert_array_equal(ours, theirs)
+  assert (theirs.sum(-1) == 0).sum() > (np.cumsum(ids == image, 1) == 0).sum()  # resets happened
+  np.testing.assert_array_equal(media_locations(jnp.asarray(ids), image),
+                                np.cumsum(ids == image, axis=1))
+
+
+@pytest.mark.parametrize("preset, media, eoc", [
+    ("tiny", V, V + 1), ("openflamingo_9b", 50278, 50277), ("openflamingo_9b_v1", 32001, 32000),
+    ("idefics_9b", 32001, None)])
+def test_special_token_ids_come_from_added_tokens(preset, media, eoc):
+  config = model_config.get_model_config(preset)
+  model = nnx.eval_shape(lambda: Flamingo(config, rngs=nnx.Rngs(0)))
+  assert (model.media_token_id, model.eoc_token_id) == (media, eoc)
+  assert model.added_embed.embedding.shape[0] == len(config.added_tokens)
+
+
+def test_added_tokens_must_name_the_image_token():
+  config = model_config.tiny()
+  with pytest.raises(ValueError, match="added_tokens must name '<image>'"):
+    model_config.flamingo_config(lm=config.lm, vision=config.vision, resampler=config.resampler,
+                                 xattn=config.xattn, added_tokens=("<|endofchunk|>",))
+
+
+def test_image_token_id_follows_the_configured_order():
+  """With OpenFlamingo's order the id after the vocabulary is <|endofchunk|>: it marks no image,
+  and <image> is vocab + 1."""
+  config = model_config.tiny()
+  config.added_tokens = ("<|endofchunk|>", "<image>")
+  model = Flamingo(config, rngs=nnx.Rngs(1))
+  _open_gates(model)
+  swapped = jnp.where(IDS == IMG, -1, IDS)
+  swapped = jnp.where(swapped == EOC, IMG, jnp.where(swapped == -1, EOC, swapped))
+  images = _images(11)
+  np.testing.assert_array_equal(np.asarray(model._media_index(swapped)),
+                                np.asarray(media_locations(IDS, IMG)))
+  # The same model reads the default order's ids as text-only chunks: its outputs change.
+  assert not np.allclose(np.asarray(model(images, swapped)), np.asarray(model(images, IDS)))
+
+
 def test_zero_gates_equal_bare_lm_bit_for_bit(model):
   """At initialisation (gates 0) Flamingo's logits equal the LM's on the same tokens exactly."""
   images = _images(0)
@@ -158,6 +220,17 @@ def test_prefill_and_decode_reproduce_full_forward(open_model):
   # New tokens attend to the prompt's last image.
   np.testing.assert_array_equal(cache.media_index,
                                 (ids[:, :prompt_len] == IMG).sum(-1))
+
+
+def test_decoding_after_a_document_end_sees_no_image():
+  """With a document-end token, new tokens see what the prompt's last token sees: nothing when
+  the prompt ends after that token, the last image otherwise."""
+  config = model_config.tiny()
+  config.xattn.document_end_token_id = 3
+  model = Flamingo(config, rngs=nnx.Rngs(2))
+  ids = jnp.array([[5, IMG, 6, 3, 7], [5, IMG, 6, 7, 8]])
+  _, cache = model.prefill(_images(12, num_media=1), ids, max_length=8)
+  np.testing.assert_array_equal(np.asarray(cache.media_index), [0, 1])
 
 
 def test_decode_tokens_attend_to_last_prompt_image(open_model):

@@ -1,6 +1,6 @@
-"""Decoder LMs: logits match tiny random Hugging Face GPT-2 / LLaMA / Qwen2 / Mistral models loaded
-from safetensors (padded batches included), the KV cache reproduces the full forward, and loading
-errors name what is wrong."""
+"""Decoder LMs: logits match tiny random Hugging Face GPT-2 / LLaMA / Qwen2 / Mistral / MPT /
+GPT-NeoX models loaded from safetensors (padded batches included), the KV cache reproduces the full
+forward, and loading errors name what is wrong."""
 
 import json
 import shutil
@@ -13,9 +13,10 @@ import torch
 import transformers
 from flax import nnx
 
+import reference_models
 from xattn_vlm.models import convert, layers
 from xattn_vlm.models.config import lm_config
-from xattn_vlm.models.lm import DecoderLM
+from xattn_vlm.models.lm import DecoderLM, causal_mask
 
 VOCAB, WIDTH, DEPTH, HEADS, MLP, MAX_LEN = 64, 32, 2, 4, 48, 32
 
@@ -33,6 +34,22 @@ HF_MODELS = {
               dict(num_key_value_heads=1)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(num_key_value_heads=2, sliding_window=None)),
+    "mpt": (transformers.MptConfig, transformers.MptForCausalLM,
+            dict(d_model=WIDTH, n_heads=HEADS, n_layers=DEPTH, max_seq_len=MAX_LEN)),
+    # 6 heads: ALiBi's slopes for a head count that is not a power of two are interleaved.
+    "mpt_6_heads": (transformers.MptConfig, transformers.MptForCausalLM,
+                    dict(d_model=48, n_heads=6, n_layers=DEPTH, max_seq_len=MAX_LEN)),
+    # Pythia's layout: a quarter of each head rotates, attention and MLP in parallel.
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM,
+                 dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                      intermediate_size=MLP, max_position_embeddings=MAX_LEN, rotary_pct=0.25,
+                      rotary_emb_base=500.0, use_parallel_residual=True, layer_norm_eps=1e-4)),
+    # RedPajama-INCITE's layout: the whole head rotates, sequential residual.
+    "gpt_neox_sequential": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM,
+                            dict(hidden_size=WIDTH, num_hidden_layers=DEPTH,
+                                 num_attention_heads=HEADS, intermediate_size=MLP,
+                                 max_position_embeddings=MAX_LEN, rotary_pct=1.0,
+                                 use_parallel_residual=False)),
 }
 LLAMA_SHAPES = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
                     intermediate_size=MLP, max_position_embeddings=MAX_LEN, rms_norm_eps=1e-5)
@@ -40,7 +57,8 @@ LLAMA_SHAPES = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_he
 
 def _build_hf(name: str):
   config_cls, model_cls, kwargs = HF_MODELS[name]
-  shapes = {} if name == "gpt2" else LLAMA_SHAPES
+  shapes = LLAMA_SHAPES if config_cls in (transformers.LlamaConfig, transformers.Qwen2Config,
+                                          transformers.MistralConfig) else {}
   config = config_cls(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **shapes, **kwargs)
   config._attn_implementation = "eager"
   torch.manual_seed(0)
@@ -173,7 +191,7 @@ def test_missing_tensor_names_it(hf):
     convert.load_hf_lm_weights(untied, hf("gpt2")[1])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "mpt_6_heads", "gpt_neox"])
 def test_prefill_then_decode_matches_the_full_forward(hf, name):
   lm = convert.load_hf_lm(hf(name)[1])
   # Row 1 is right-padded: its padding is decoded and must stay invisible; row 2 is left-padded.
@@ -282,3 +300,103 @@ def test_activations_match_pytorch(name, reference):
   x = np.linspace(-12.0, 12.0, 4001, dtype=np.float32)
   ours = np.asarray(layers.activation(name)(jnp.asarray(x)))
   np.testing.assert_allclose(ours, reference(torch.from_numpy(x)).numpy(), rtol=0, atol=2e-6)
+
+
+def test_mpt_and_gpt_neox_config_mapping(hf):
+  cfg = convert.lm_config_from_hf(convert.read_config(hf("mpt_6_heads")[1]))
+  assert (cfg.family, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == ("mpt", 6, 8, 4 * 48)
+  assert (cfg.alibi_bias_max, cfg.tie_word_embeddings, cfg.attention_bias) == (8.0, True, False)
+  cfg = convert.lm_config_from_hf(convert.read_config(hf("gpt_neox")[1]))
+  assert (cfg.family, cfg.rotary_fraction, cfg.rope_theta, cfg.parallel_residual) == (
+      "gpt_neox", 0.25, 500.0, True)
+  assert not cfg.tie_word_embeddings and cfg.attention_bias
+  # Older config.json files name the rotary settings rotary_pct / rotary_emb_base.
+  old = {"model_type": "gpt_neox", "vocab_size": VOCAB, "hidden_size": WIDTH,
+         "num_hidden_layers": DEPTH, "num_attention_heads": HEADS, "intermediate_size": MLP,
+         "max_position_embeddings": MAX_LEN, "rotary_pct": 0.5, "rotary_emb_base": 1000,
+         "use_parallel_residual": False}
+  cfg = convert.lm_config_from_hf(old)
+  assert (cfg.rotary_fraction, cfg.rope_theta, cfg.parallel_residual) == (0.5, 1000, False)
+
+
+def test_alibi_slopes_match_transformers():
+  for heads in (4, 6, 12, 16):
+    theirs = transformers.models.mpt.modeling_mpt.build_mpt_alibi_tensor(heads, 5, 8)
+    slopes = theirs[:, 0, -2].numpy() * -1  # the bias one slot back is -m_h
+    np.testing.assert_allclose(np.asarray(layers.alibi_slopes(heads, 8.0)), slopes, rtol=1e-6)
+  # Powers of two: m_h = 2^(-8 (h + 1) / H).
+  np.testing.assert_allclose(np.asarray(layers.alibi_slopes(4)), 2.0 ** (-2.0 * np.arange(1, 5)))
+
+
+def test_partial_rotary_leaves_the_rest_of_each_head():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
+  positions = jnp.array([[0, 3, 7]])
+  rotated = layers.apply_rope(x, positions, 100.0, rotary_dim=4)
+  np.testing.assert_array_equal(np.asarray(rotated[..., 4:]), np.asarray(x[..., 4:]))
+  np.testing.assert_allclose(np.asarray(rotated[..., :4]),
+                             np.asarray(layers.apply_rope(x[..., :4], positions, 100.0)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="rotary_dim must be even"):
+    layers.apply_rope(x, positions, 100.0, rotary_dim=3)
+
+
+def test_mosaic_gpt_layout_with_full_width_qk_layernorm(tmp_path):
+  """MPT-1B's MosaicGPT folder (its names, attn_qk_ln): logits match a torch MPT whose fused
+  Wqkv is followed by LayerNorms of q and k over the whole d_model (``reference_models``)."""
+  torch.manual_seed(0)
+  reference = reference_models.tiny_lm("mosaic_gpt", tmp_path)
+  lm = convert.load_hf_lm(tmp_path)
+  assert lm.cfg.qk_norm and lm.blocks[0].attn.q_norm.bias is None
+  assert lm.cfg.vocab_size == reference_models.PADDED_VOCAB
+  ids, mask, positions = _padded_batch()
+  ours = np.asarray(_forward(lm, jnp.asarray(ids), jnp.asarray(mask)))
+  theirs = _hf_logits(reference, ids, mask, positions)
+  real = mask.astype(bool)
+  assert np.abs(theirs[real]).max() > 1.0
+  np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+
+
+def test_qk_layernorm_is_over_the_full_width():
+  """One attention layer with qk_norm against a direct torch computation of MosaicGPT's rule:
+  LayerNorm of q and of k over all of d_model (not per head), then heads, ALiBi and softmax."""
+  cfg = lm_config(family="mpt", vocab_size=VOCAB, num_layers=1, embed_dim=WIDTH, num_heads=HEADS,
+                  mlp_dim=MLP, max_length=8, qk_norm=True)
+  lm = DecoderLM(cfg, rngs=nnx.Rngs(3))
+  attn = lm.blocks[0].attn
+  for norm in (attn.q_norm, attn.k_norm):
+    norm.scale[...] = jax.random.normal(jax.random.key(4), norm.scale.shape)
+  x = jax.random.normal(jax.random.key(5), (1, 5, WIDTH))
+  bias = layers.alibi_bias(layers.alibi_slopes(HEADS), jnp.arange(5), jnp.arange(5))
+  mask = causal_mask(jnp.ones((1, 5), bool), 0, 5)
+  ours = np.asarray(attn(x, jnp.zeros((1, 5), jnp.int32), mask, bias=bias)[0])
+
+  t = lambda a: torch.tensor(np.asarray(a, np.float32))
+  xt = t(x)[0]
+  q = xt @ t(attn.query.kernel[...]).reshape(WIDTH, -1)
+  k = xt @ t(attn.key.kernel[...]).reshape(WIDTH, -1)
+  v = xt @ t(attn.value.kernel[...]).reshape(WIDTH, -1)
+  q = torch.nn.functional.layer_norm(q, (WIDTH,), t(attn.q_norm.scale[...]), eps=1e-5)
+  k = torch.nn.functional.layer_norm(k, (WIDTH,), t(attn.k_norm.scale[...]), eps=1e-5)
+  heads = lambda a: a.reshape(5, HEADS, -1).transpose(0, 1)
+  scores = heads(q) @ heads(k).transpose(1, 2) / np.sqrt(WIDTH // HEADS) + t(bias)
+  scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+  out = (scores.softmax(-1) @ heads(v)).transpose(0, 1).reshape(5, WIDTH)
+  out = out @ t(attn.out.kernel[...]).reshape(-1, WIDTH)
+  np.testing.assert_allclose(ours[0], out.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"attn_config": {"clip_qkv": 6.0}}, r"attn_config\.clip_qkv=6\.0 \(supported: null\)"),
+    ({"attn_config": {"softmax_scale": 0.1}}, r"attn_config\.softmax_scale=0\.1"),
+    ({"logit_scale": 2.0}, r"logit_scale=2\.0"),
+    ({"attn_config": {"alibi": False}}, r"attn_config\.alibi=False"),
+    ({"no_bias": False}, r"no_bias=False"),
+])
+def test_unsupported_mpt_settings_raise(change, match):
+  hf_config = {**transformers.MptConfig(d_model=WIDTH, n_heads=HEADS, n_layers=DEPTH,
+                                        vocab_size=VOCAB).to_dict(), **change}
+  with pytest.raises(NotImplementedError, match=match):
+    convert.lm_config_from_hf(hf_config)
+  mosaic = {**reference_models.MOSAIC_GPT_CONFIG, "attn_clip_qkv": 8.0}
+  with pytest.raises(NotImplementedError, match=r"mosaic_gpt config.json sets attn_clip_qkv=8\.0"):
+    convert.lm_config_from_hf(mosaic)

@@ -68,13 +68,42 @@ def test_without_media_time_embeddings_slots_are_alike_and_unbounded():
     np.testing.assert_allclose(out[:, slot], out[:, 0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["openflamingo_3b", "openflamingo_4b", "openflamingo_9b"])
-def test_openflamingo_presets_have_no_media_time_embeddings(preset):
-  """As OpenFlamingo's resampler (max_num_media None), whose checkpoints carry no such table."""
+@pytest.mark.parametrize("preset", ["openflamingo_3b", "openflamingo_4b", "openflamingo_9b",
+                                    "openflamingo_9b_v1", "idefics_9b", "idefics_80b"])
+def test_published_presets_have_no_time_embeddings(preset):
+  """As OpenFlamingo's and IDEFICS's resamplers (max_num_media and max_num_frames None), whose
+  checkpoints carry neither table."""
   config = get_model_config(preset)
   model = nnx.eval_shape(lambda: PerceiverResampler(config.resampler, config.vision.width,
                                                     rngs=nnx.Rngs(0)))
-  assert model.media_time_embs is None
+  assert model.media_time_embs is None and model.frame_embs is None
+
+
+def test_without_frame_embeddings_frame_order_does_not_matter():
+  """No frame table: the frames of a video are one unordered key set, so swapping them changes
+  nothing (with the table it does)."""
+  video = _features(B, T, 2, PATCHES, seed=7)
+  swapped = video[:, :, ::-1]
+  plain = PerceiverResampler(_config(max_num_frames=None), DIM, rngs=nnx.Rngs(0))
+  assert plain.frame_embs is None
+  np.testing.assert_allclose(_forward(plain, video), _forward(plain, swapped), rtol=0, atol=1e-6)
+  model = PerceiverResampler(_config(), DIM, rngs=nnx.Rngs(0))
+  model.frame_embs[...] = jax.random.normal(jax.random.key(1), model.frame_embs.shape)
+  assert not np.allclose(_forward(model, video), _forward(model, swapped), atol=1e-3)
+
+
+def test_qk_norm_normalises_each_head():
+  """IDEFICS's per-head q/k LayerNorm: scaling one head's query projection changes nothing
+  (the norm removes it), while it does without the norm."""
+  x = _features(B, T, 1, PATCHES, seed=8)
+  outputs = []
+  for qk_norm in (True, False):
+    model = PerceiverResampler(_config(qk_norm=qk_norm), DIM, rngs=nnx.Rngs(0))
+    before = _forward(model, x)
+    model.layers[0].attn.to_q.kernel[...] = model.layers[0].attn.to_q.kernel[...] * 3.0
+    model.layers[0].attn.to_k.kernel[...] = model.layers[0].attn.to_k.kernel[...] * 3.0
+    outputs.append(np.abs(np.asarray(_forward(model, x) - before)).max())
+  assert outputs[0] < 1e-4 and outputs[1] > 1e-2  # (LayerNorm's eps keeps a trace)
 
 
 def test_one_frame_video_equals_the_image_path(resampler):

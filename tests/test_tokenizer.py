@@ -1,14 +1,18 @@
-"""Tokenizer: added tokens at lm_vocab_size + k, round trips, the cached default BPE, HF folders."""
+"""Tokenizer: added tokens at lm_vocab_size + k in the model config's order, round trips, the cached
+default BPE, HF folders."""
 
 import numpy as np
 import pytest
 import tokenizers
 import transformers
 
+from xattn_vlm import special_tokens
 from xattn_vlm.data.shapes import tokenizer as shapes_tokenizer
 from xattn_vlm.data.shapes import world as shapes_world
 from xattn_vlm.data.shapes.tokenizer import default_tokenizer
 from xattn_vlm.data.tokenizer import Tokenizer
+from xattn_vlm.inference import Processor
+from xattn_vlm.models import config as model_config
 
 TEXTS = ["A large red striped star on the left.",
          "Question:What colour is the circle? Short answer:blue",
@@ -129,3 +133,58 @@ def test_tokens_are_added_to_a_tokenizer_without_them(tmp_path):
     Tokenizer.from_pretrained(tmp_path / "missing")
   with pytest.raises(ValueError, match="eos_token must name a token"):
     Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0}, unk_token="a")))
+
+
+@pytest.fixture()
+def word_folder(tmp_path):
+  """A tiny word-level LLaMA-like tokenizer (<unk>, <s>, </s>, two words) as a HF folder."""
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+  raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>").save_pretrained(tmp_path)
+  return tmp_path
+
+
+def test_added_tokens_order_sets_the_ids(word_folder):
+  """OpenFlamingo's order: <|endofchunk|> right after the vocabulary, then <image>."""
+  config = model_config.tiny()
+  config.lm.vocab_size = 5
+  config.added_tokens = special_tokens.OPENFLAMINGO_ADDED_TOKENS
+  tok = Tokenizer.from_pretrained(word_folder, model_config=config)
+  assert (tok.eoc_token_id, tok.media_token_id, tok.vocab_size) == (5, 6, 7)
+  assert tok.encode("hello <image> world <|endofchunk|>") == [3, 6, 4, 5]
+  assert tok.decode([3, 6, 4, 5]) == "hello <image> world <|endofchunk|>"
+
+
+def test_a_tokenizer_of_another_token_order_is_refused(word_folder):
+  """A tokenizer built with the default order gives <image> the id OpenFlamingo's model reads as
+  <|endofchunk|>: the processor refuses it and names the setting."""
+  config = model_config.tiny()
+  config.lm.vocab_size = 5
+  config.added_tokens = special_tokens.OPENFLAMINGO_ADDED_TOKENS
+  default_order = Tokenizer.from_pretrained(word_folder)
+  with pytest.raises(ValueError, match=r"gives <image> id 5 but the model reads id 6 "
+                                       r"\(added_tokens=\('<\|endofchunk\|>', '<image>'\)"):
+    Processor.from_model_config(config, default_order)
+  with pytest.raises(ValueError, match=r"lm_vocab_size=6 disagrees with the model config's "
+                                       r"lm.vocab_size=5"):
+    Tokenizer.from_pretrained(word_folder, lm_vocab_size=6, model_config=config)
+
+
+def test_idefics_tokens_and_its_document_end(word_folder):
+  """IDEFICS: <fake_token_around_image> then <image>, no <|endofchunk|>; its document end must be
+  the tokenizer's EOS."""
+  config = model_config.tiny()
+  config.lm.vocab_size = 5
+  config.added_tokens = special_tokens.IDEFICS_ADDED_TOKENS
+  config.xattn.document_end_token_id = 2
+  tok = Tokenizer.from_pretrained(word_folder, model_config=config)
+  assert (tok.media_token_id, tok.eoc_token_id) == (6, None)
+  ids = tok.encode("hello <fake_token_around_image><image><fake_token_around_image> world </s>")
+  assert ids == [3, 5, 6, 5, 4, 2]
+  assert tok.decode(ids, skip_special_tokens=True) == "hello world"
+  config.xattn.document_end_token_id = 1
+  with pytest.raises(ValueError, match=r"xattn.document_end_token_id=1 in the model's config must "
+                                       r"be the tokenizer's EOS id \(2\)"):
+    tok.require_model(config)

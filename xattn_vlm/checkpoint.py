@@ -31,7 +31,7 @@ MODEL_FIELDS = {
     "lm_pretrain": ("model.lm", "model.param_dtype"),
     "vision_pretrain": ("model.vision", "model.param_dtype", "contrastive"),
     "flamingo": ("model.lm", "model.vision", "model.resampler", "model.xattn",
-                 "model.num_added_tokens", "model.param_dtype"),
+                 "model.added_tokens", "model.param_dtype"),
 }
 
 

@@ -46,7 +46,7 @@ def evaluate() -> None:
   runner.check_config(FLAGS.eval)
   model = checkpoint.load_flamingo(FLAGS.checkpoint)
   tokenizer = (default_tokenizer() if FLAGS.tokenizer is None else
-               Tokenizer.from_pretrained(FLAGS.tokenizer, model.config.lm.vocab_size))
+               Tokenizer.from_pretrained(FLAGS.tokenizer, model_config=model.config))
   processor = Processor.from_model_config(model.config, tokenizer)
   runner.evaluate(model, processor, FLAGS.eval, FLAGS.output_dir, model_name=FLAGS.model_name)
   if jax.process_index() == 0:

@@ -47,12 +47,14 @@ def build(checkpoint_dir: str | None, preset: str | None, tokenizer_dir: str | N
   if checkpoint_dir is not None:
     model = checkpoint.load_flamingo(checkpoint_dir, setting="--checkpoint")
     tokenizer = (default_tokenizer() if tokenizer_dir is None else
-                 Tokenizer.from_pretrained(tokenizer_dir, model.config.lm.vocab_size))
+                 Tokenizer.from_pretrained(tokenizer_dir, model_config=model.config))
   else:
     tokenizer = (default_tokenizer() if tokenizer_dir is None else
                  Tokenizer.from_pretrained(tokenizer_dir))
     config = model_config.get_model_config(preset)
+    # A fresh model takes the tokenizer's vocabulary and special-token order.
     config.lm.vocab_size = tokenizer.lm_vocab_size
+    config.added_tokens = tokenizer.added_tokens
     model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(seed)))()
   return model, Processor.from_model_config(model.config, tokenizer)
 

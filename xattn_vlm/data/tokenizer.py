@@ -1,10 +1,12 @@
-"""The tokenizer: a Hugging Face or ``tokenizers`` tokenizer plus Flamingo's two special tokens.
+"""The tokenizer: a Hugging Face or ``tokenizers`` tokenizer plus the model's added special tokens.
 
-The LM's vocabulary is frozen at ``lm_vocab_size`` rows; ``<image>`` and ``<|endofchunk|>`` are new
-rows right after it, so the model sees them as ids ``lm_vocab_size + 0`` and ``lm_vocab_size + 1``
-whatever id the wrapped tokenizer gave them (a checkpoint's vocabulary can be larger than its
-tokenizer, e.g. Qwen2 pads to a multiple of 128). ``Tokenizer`` does that remapping in ``encode``
-and back in ``decode``; nothing else in the library needs to know the wrapped tokenizer's ids.
+The LM's vocabulary is frozen at ``lm_vocab_size`` rows; the added tokens (by default ``<image>``
+and ``<|endofchunk|>``; a model config lists its own as ``added_tokens``) are new rows right after
+it, so the model sees token k as id ``lm_vocab_size + k`` whatever id the wrapped tokenizer gave it
+(a checkpoint's vocabulary can be larger than its tokenizer, e.g. Qwen2 pads to a multiple of
+128). ``Tokenizer`` does that remapping in ``encode`` and back in ``decode``; nothing else in the
+library needs to know the wrapped tokenizer's ids. Build it for a model with ``model_config=`` so
+it gives that model's ids (``special_tokens.added_token_ids``, the rule the model itself uses).
 
 The shapes world's own tokenizer, a BPE learned from its text, is ``data.shapes.tokenizer``.
 """
@@ -13,33 +15,40 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Sequence
 
 import numpy as np
 import tokenizers
 
-MEDIA_TOKEN = "<image>"
-EOC_TOKEN = "<|endofchunk|>"
-ADDED_TOKENS = (MEDIA_TOKEN, EOC_TOKEN)  # model ids lm_vocab_size + 0 and + 1, in this order
+from xattn_vlm import special_tokens
+
+MEDIA_TOKEN = special_tokens.MEDIA_TOKEN
+EOC_TOKEN = special_tokens.EOC_TOKEN
+ADDED_TOKENS = special_tokens.DEFAULT_ADDED_TOKENS  # new models' order: ids lm_vocab_size + 0, + 1
 
 DEFAULT_EOS_TOKEN = "<|endoftext|>"  # the EOS of a bare ``tokenizers.Tokenizer``
 
 
 class Tokenizer:
-  """Text <-> model ids with ``<image>`` and ``<|endofchunk|>`` at ``lm_vocab_size + {0, 1}``.
+  """Text <-> model ids with the ``added_tokens`` at ``lm_vocab_size + k`` (by default ``<image>``
+  then ``<|endofchunk|>``).
 
-  Wraps a ``transformers`` tokenizer or a ``tokenizers.Tokenizer`` and adds the two special tokens
-  to it when missing. ``eos_token``, ``bos_token`` and ``pad_token`` default to the wrapped
+  Wraps a ``transformers`` tokenizer or a ``tokenizers.Tokenizer`` and adds the special tokens to
+  it when missing. ``eos_token``, ``bos_token`` and ``pad_token`` default to the wrapped
   tokenizer's (a ``tokenizers.Tokenizer`` has none: its EOS defaults to ``<|endoftext|>`` when that
   is in its vocabulary); a missing pad token is the EOS token (padding is masked out anyway).
   ``lm_vocab_size`` defaults to the smallest vocabulary that holds every other token.
+  ``eoc_token_id`` is None when ``<|endofchunk|>`` is not among the added tokens (IDEFICS).
   """
 
   def __init__(self, tokenizer, *, lm_vocab_size: int | None = None, eos_token: str | None = None,
-               bos_token: str | None = None, pad_token: str | None = None):
+               bos_token: str | None = None, pad_token: str | None = None,
+               added_tokens: Sequence[str] = ADDED_TOKENS):
     self._raw = isinstance(tokenizer, tokenizers.Tokenizer)
     self._tokenizer = tokenizer
+    self.added_tokens = tuple(added_tokens)
     vocab = self._vocab()
-    missing = [t for t in ADDED_TOKENS if t not in vocab]
+    missing = [t for t in self.added_tokens if t not in vocab]
     if missing:
       added = [tokenizers.AddedToken(t, special=True, normalized=False) for t in missing]
       if self._raw:
@@ -47,19 +56,22 @@ class Tokenizer:
       else:
         tokenizer.add_tokens(added, special_tokens=True)
       vocab = self._vocab()
-    raw_added_ids = tuple(vocab[t] for t in ADDED_TOKENS)
+    raw_added_ids = tuple(vocab[t] for t in self.added_tokens)
 
-    required = 1 + max(i for t, i in vocab.items() if t not in ADDED_TOKENS)
+    required = 1 + max(i for t, i in vocab.items() if t not in self.added_tokens)
     if lm_vocab_size is None:
       lm_vocab_size = required
     if lm_vocab_size < required:
+      beyond = sorted(t for t, i in vocab.items()
+                      if i >= lm_vocab_size and t not in self.added_tokens)
       raise ValueError(f"lm_vocab_size must be at least {required} (the largest id of the "
-                       f"tokenizer's own tokens + 1), got {lm_vocab_size}")
+                       f"tokenizer's own tokens + 1), got {lm_vocab_size}; tokens past it: "
+                       f"{beyond[:5]}")
     self.lm_vocab_size = int(lm_vocab_size)
-    self.vocab_size = self.lm_vocab_size + len(ADDED_TOKENS)
-    self.media_token_id = self.lm_vocab_size
-    self.eoc_token_id = self.lm_vocab_size + 1
-    self._to_model = dict(zip(raw_added_ids, (self.media_token_id, self.eoc_token_id)))
+    self.vocab_size = self.lm_vocab_size + len(self.added_tokens)
+    self.media_token_id, self.eoc_token_id = special_tokens.added_token_ids(
+        self.lm_vocab_size, self.added_tokens)
+    self._to_model = {raw: self.lm_vocab_size + k for k, raw in enumerate(raw_added_ids)}
     self._to_raw = {m: r for r, m in self._to_model.items()}
 
     if eos_token is None:
@@ -77,9 +89,17 @@ class Tokenizer:
                          else self._token_id(pad_token, "pad_token"))
 
   @classmethod
-  def from_pretrained(cls, path: str | os.PathLike, lm_vocab_size: int | None = None) -> Tokenizer:
+  def from_pretrained(cls, path: str | os.PathLike, lm_vocab_size: int | None = None, *,
+                      model_config=None) -> Tokenizer:
     """A tokenizer from a local Hugging Face folder (offline). Pass the LM checkpoint's vocabulary
-    size as ``lm_vocab_size`` when it differs from the tokenizer's (padded embeddings)."""
+    size as ``lm_vocab_size`` when it differs from the tokenizer's (padded embeddings), or the
+    Flamingo model's config as ``model_config``: its ``lm.vocab_size`` and ``added_tokens`` then
+    set the ids, and the result is checked against the model (``require_model``)."""
+    if model_config is not None:
+      if lm_vocab_size is not None and lm_vocab_size != model_config.lm.vocab_size:
+        raise ValueError(f"lm_vocab_size={lm_vocab_size} disagrees with the model config's "
+                         f"lm.vocab_size={model_config.lm.vocab_size}: pass one of them")
+      lm_vocab_size = model_config.lm.vocab_size
     folder = pathlib.Path(path)
     if not folder.is_dir():
       raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist: pass a local "
@@ -88,7 +108,12 @@ class Tokenizer:
     # data pipelines do not need it.
     import transformers  # pylint: disable=import-outside-toplevel
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return cls(hf_tokenizer, lm_vocab_size=lm_vocab_size)
+    if model_config is None:
+      return cls(hf_tokenizer, lm_vocab_size=lm_vocab_size)
+    tokenizer = cls(hf_tokenizer, lm_vocab_size=lm_vocab_size,
+                    added_tokens=model_config.added_tokens)
+    tokenizer.require_model(model_config)
+    return tokenizer
 
   def require_model_vocab(self, vocab_size: int, setting: str, where: str) -> None:
     """Fails unless a Flamingo model whose LM vocabulary is ``vocab_size`` (``setting`` names it in
@@ -98,6 +123,25 @@ class Tokenizer:
     if vocab_size != self.lm_vocab_size:
       raise ValueError(f"{setting}={vocab_size} must equal the tokenizer's vocabulary "
                        f"({self.lm_vocab_size}) {where}, where <image> and <|endofchunk|> follow it")
+
+  def require_model(self, config, where: str = "in the model's config") -> None:
+    """Fails unless this tokenizer gives a Flamingo model of ``config`` (a model config) the ids
+    it reads: its LM vocabulary (``lm.vocab_size``), the ids of its ``added_tokens`` and, for a
+    model with a document-end token (``xattn.document_end_token_id``), that token as EOS."""
+    self.require_model_vocab(config.lm.vocab_size, "lm.vocab_size", where)
+    media, eoc = special_tokens.added_token_ids(config.lm.vocab_size, config.added_tokens)
+    for name, ours, theirs in ((MEDIA_TOKEN, self.media_token_id, media),
+                               (EOC_TOKEN, self.eoc_token_id, eoc)):
+      if ours != theirs:
+        raise ValueError(f"the tokenizer gives {name} id {ours} but the model reads id {theirs} "
+                         f"(added_tokens={tuple(config.added_tokens)} {where}; the tokenizer's "
+                         f"are {self.added_tokens}): build the tokenizer for the model, "
+                         "Tokenizer.from_pretrained(path, model_config=config)")
+    document_end = config.xattn.document_end_token_id
+    if document_end is not None and document_end != self.eos_token_id:
+      raise ValueError(f"xattn.document_end_token_id={document_end} {where} must be the "
+                       f"tokenizer's EOS id ({self.eos_token_id}): after it the model sees no "
+                       "image until the next one")
 
   def _vocab(self) -> dict[str, int]:
     if self._raw:
@@ -122,8 +166,9 @@ class Tokenizer:
     return [self._to_model.get(i, i) for i in ids]
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
-    """Text of a 1-D sequence of model ids. ``skip_special_tokens`` drops ``<image>``,
-    ``<|endofchunk|>``, EOS, BOS, padding and the wrapped tokenizer's other special tokens."""
+    """Text of a 1-D sequence of model ids. ``skip_special_tokens`` drops the added tokens
+    (``<image>``, ``<|endofchunk|>``, ...), EOS, BOS, padding and the wrapped tokenizer's other
+    special tokens."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
       raise ValueError(f"ids must be a 1-D sequence of integers, got shape {ids.shape} "
@@ -133,8 +178,8 @@ class Tokenizer:
     if bad:
       raise ValueError(f"ids must be in [0, vocab_size={self.vocab_size}), got {bad[:5]}")
     if skip_special_tokens:
-      special = {self.media_token_id, self.eoc_token_id, self.eos_token_id, self.pad_token_id,
-                 self.bos_token_id}
+      special = {*range(self.lm_vocab_size, self.vocab_size), self.eos_token_id,
+                 self.pad_token_id, self.bos_token_id}
       ids = [i for i in ids if i not in special]
     raw = [self._to_raw.get(i, i) for i in ids]
     if self._raw:

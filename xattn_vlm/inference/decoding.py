@@ -49,7 +49,8 @@ class GenerationConfig:
     do_sample: sample instead of taking the argmax (num_beams must be 1).
     temperature, top_k, top_p: sampling filters, applied in this order (top_k 0 and top_p 1
       switch theirs off).
-    stop_token_ids: a sequence ends after emitting one of these.
+    stop_token_ids: a sequence ends after emitting one of these (None entries, a model's missing
+      ``<|endofchunk|>``, are dropped).
     pad_token_id: fills the positions after a sequence's end.
     suppress_token_ids: never generated (``<image>``).
     use_cache: False recomputes the full forward at each step (a reference, slow).
@@ -81,7 +82,8 @@ class GenerationConfig:
       raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
-    object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+    object.__setattr__(self, "stop_token_ids",
+                       tuple(int(i) for i in self.stop_token_ids if i is not None))
     object.__setattr__(self, "suppress_token_ids", tuple(int(i) for i in self.suppress_token_ids))
 
 
@@ -387,13 +389,7 @@ class Generation:
 
 def check_tokenizer(model: Flamingo | InferenceModel, processor: Processor) -> None:
   """The processor's tokenizer must give the special tokens the model's ids."""
-  tokenizer = processor.tokenizer
-  for name, ids in (("<image>", (tokenizer.media_token_id, model.media_token_id)),
-                    ("<|endofchunk|>", (tokenizer.eoc_token_id, model.eoc_token_id))):
-    if ids[0] != ids[1]:
-      raise ValueError(f"processor's tokenizer gives {name} id {ids[0]} but the model expects "
-                       f"{ids[1]}: build the tokenizer with "
-                       f"lm_vocab_size={model.config.lm.vocab_size}")
+  processor.tokenizer.require_model(model.config, where="in the model's config")
 
 
 def generate(model: Flamingo | InferenceModel, processor: Processor, prompts: Sequence[Prompt],
@@ -406,9 +402,9 @@ def generate(model: Flamingo | InferenceModel, processor: Processor, prompts: Se
   """Continues each prompt (interleaved text and images) and decodes the new text.
 
   Greedy by default; ``do_sample`` samples, ``num_beams > 1`` runs beam search. Generation stops per
-  sequence at ``stop_token_ids`` (default ``<|endofchunk|>`` and EOS). ``pad_to_length`` and
-  ``max_images`` pad the batch to fixed shapes so repeated calls reuse one compiled loop. Other
-  arguments: ``GenerationConfig``.
+  sequence at ``stop_token_ids`` (default ``<|endofchunk|>``, when the model has one, and EOS).
+  ``pad_to_length`` and ``max_images`` pad the batch to fixed shapes so repeated calls reuse one
+  compiled loop. Other arguments: ``GenerationConfig``.
   """
   model = as_inference_model(model)
   check_tokenizer(model, processor)

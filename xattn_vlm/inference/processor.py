@@ -72,8 +72,9 @@ class Processor:
   @classmethod
   def from_model_config(cls, config: ml_collections.ConfigDict, tokenizer,
                         image_mode: str = "pad") -> Processor:
-    """The processor for a Flamingo model config (``xattn_vlm.models.config``)."""
-    tokenizer.require_model_vocab(config.lm.vocab_size, "lm.vocab_size", "in the model's config")
+    """The processor for a Flamingo model config (``xattn_vlm.models.config``); ``tokenizer`` must
+    give that model's special-token ids (``Tokenizer.require_model``)."""
+    tokenizer.require_model(config)
     return cls(tokenizer, image_size=config.vision.image_size,
                image_mean=config.vision.image_mean, image_std=config.vision.image_std,
                max_length=config.lm.max_length, image_mode=image_mode)

@@ -1,28 +1,54 @@
-"""Model configurations (ml_collections): the tiny test model, OpenFlamingo and Flamingo shapes.
+"""Model configurations (ml_collections): the tiny test model, OpenFlamingo, IDEFICS and Flamingo
+shapes.
 
 A Flamingo config has four parts: ``lm`` (the frozen decoder), ``vision`` (the frozen ViT),
-``resampler`` and ``xattn`` (the trained parts), plus dtypes and the number of added special tokens.
-``get_model_config(name)`` returns a fresh copy of a named preset; experiments start from one and
-override what they need.
+``resampler`` and ``xattn`` (the trained parts), plus dtypes and the special tokens added after
+the LM's vocabulary (``added_tokens``, in id order). ``get_model_config(name)`` returns a fresh
+copy of a named preset; experiments start from one and override what they need.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import ml_collections
 
-LM_FAMILIES = ("gpt2", "llama")
+from xattn_vlm import special_tokens
+
+LM_FAMILIES = ("gpt2", "llama", "mpt", "gpt_neox")
+# Each family's defaults: tied head, q/k/v biases, MLP activation.
+_FAMILY_DEFAULTS = {
+    "gpt2": (True, True, "gelu_new"),
+    "llama": (False, False, "silu"),
+    "mpt": (True, False, "gelu"),
+    "gpt_neox": (False, True, "gelu"),
+}
+XATTN_NORMS = ("layernorm", "rmsnorm")
 
 
 def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int,
               mlp_dim: int, max_length: int, num_kv_heads: int | None = None,
               head_dim: int | None = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
               tie_word_embeddings: bool | None = None, attention_bias: bool | None = None,
-              activation: str | None = None) -> ml_collections.ConfigDict:
+              activation: str | None = None, rotary_fraction: float = 1.0,
+              parallel_residual: bool = False, alibi_bias_max: float = 8.0,
+              qk_norm: bool = False) -> ml_collections.ConfigDict:
   """A decoder LM config. ``gpt2``: learned positions, LayerNorm, GELU (tanh), biases, tied head.
-  ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v bias (Qwen2)."""
+  ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v bias (Qwen2).
+  ``mpt``: ALiBi (slopes ``2^(-alibi_bias_max (h+1) / H)``), no biases, LayerNorm without bias,
+  exact GELU, tied head, ``qk_norm``: LayerNorm of q and k over their full width (MosaicGPT).
+  ``gpt_neox``: RoPE over ``rotary_fraction`` of each head, LayerNorm, biases everywhere, GELU,
+  ``parallel_residual`` (attention and MLP both read the block input), untied head."""
   if family not in LM_FAMILIES:
     raise ValueError(f"lm family must be one of {LM_FAMILIES}, got {family!r}")
-  gpt2 = family == "gpt2"
+  if qk_norm and family != "mpt":
+    raise ValueError(f"lm qk_norm is MPT's (family 'mpt'), got it with family {family!r}")
+  if parallel_residual and family != "gpt_neox":
+    raise ValueError(f"lm parallel_residual is GPT-NeoX's (family 'gpt_neox'), got it with "
+                     f"family {family!r}")
+  if not 0 < rotary_fraction <= 1:
+    raise ValueError(f"lm rotary_fraction must be in (0, 1], got {rotary_fraction}")
+  tied, biased, act = _FAMILY_DEFAULTS[family]
   return ml_collections.ConfigDict(dict(
       family=family,
       vocab_size=vocab_size,
@@ -35,9 +61,13 @@ def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, 
       max_length=max_length,
       norm_eps=norm_eps,
       rope_theta=rope_theta,
-      tie_word_embeddings=gpt2 if tie_word_embeddings is None else tie_word_embeddings,
-      attention_bias=gpt2 if attention_bias is None else attention_bias,
-      activation=activation or ("gelu_new" if gpt2 else "silu"),
+      tie_word_embeddings=tied if tie_word_embeddings is None else tie_word_embeddings,
+      attention_bias=biased if attention_bias is None else attention_bias,
+      activation=activation or act,
+      rotary_fraction=rotary_fraction,
+      parallel_residual=parallel_residual,
+      alibi_bias_max=alibi_bias_max,
+      qk_norm=qk_norm,
   ))
 
 
@@ -57,9 +87,10 @@ def vision_config(*, image_size: int, patch_size: int, width: int, num_layers: i
                   image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
                   ) -> ml_collections.ConfigDict:
   """A CLIP-style ViT config. ``feature_layer`` picks which block's output feeds the resampler
-  (-1: the last); ``use_post_layernorm`` applies CLIP's final LayerNorm to those features
-  (open_clip's token output, which OpenFlamingo uses, is post-LN); the class token is dropped
-  unless ``include_class_token``. Mean/std are the tower's pixel normalisation (CLIP's by default)."""
+  (-1: the last); ``use_post_layernorm`` applies CLIP's final LayerNorm to those features (the
+  published Flamingo-family checkpoints take them before it: open_clip <= 2.22's token output,
+  Hugging Face's ``last_hidden_state``); the class token is dropped unless
+  ``include_class_token``. Mean/std are the tower's pixel normalisation (CLIP's by default)."""
   return ml_collections.ConfigDict(dict(
       image_size=image_size, patch_size=patch_size, width=width, num_layers=num_layers,
       num_heads=num_heads, mlp_dim=mlp_dim, activation=activation, norm_eps=norm_eps,
@@ -72,43 +103,73 @@ def vision_config(*, image_size: int, patch_size: int, width: int, num_layers: i
 def resampler_config(*, depth: int = 6, num_latents: int = 64, num_heads: int = 8,
                      head_dim: int = 64, ff_mult: int = 4, activation: str = "gelu",
                      width: int | None = None, max_num_media: int | None = 32,
-                     max_num_frames: int = 1) -> ml_collections.ConfigDict:
+                     max_num_frames: int | None = 1, qk_norm: bool = False
+                     ) -> ml_collections.ConfigDict:
   """Perceiver resampler. ``width`` defaults to the vision width (None); ``max_num_frames`` is the
-  number of frame-time embeddings learned (more frames at inference are interpolated);
-  ``max_num_media`` the number of media-time embeddings (one per image slot of a sequence), or
-  None for none: each image then resamples the same wherever it stands, so a prompt may hold
-  more images than any training sequence did."""
+  number of frame-time embeddings learned (more frames at inference are interpolated), or None
+  for none (OpenFlamingo, IDEFICS); ``max_num_media`` the number of media-time embeddings (one
+  per image slot of a sequence), or None for none: each image then resamples the same wherever
+  it stands, so a prompt may hold more images than any training sequence did. ``qk_norm``
+  LayerNorms (with bias) each head of the queries and keys (IDEFICS)."""
   return ml_collections.ConfigDict(dict(
       depth=depth, num_latents=num_latents, num_heads=num_heads, head_dim=head_dim,
       ff_mult=ff_mult, activation=activation, width=width, max_num_media=max_num_media,
-      max_num_frames=max_num_frames,
+      max_num_frames=max_num_frames, qk_norm=qk_norm,
   ), type_safe=False)
 
 
 def xattn_config(*, every_n_layers: int = 1, num_heads: int = 8, head_dim: int = 64,
                  ff_mult: int = 4, activation: str = "gelu",
-                 only_attend_immediate_media: bool = True) -> ml_collections.ConfigDict:
-  """Gated cross-attention dense blocks: one before LM block i when (i+1) % every_n_layers == 0."""
+                 only_attend_immediate_media: bool = True, offset: int = 0,
+                 norm: str = "layernorm", norm_eps: float = 1e-5, qk_norm: bool = False,
+                 ffw_dim: int | None = None, gated_ffw: bool = False,
+                 document_end_token_id: int | None = None) -> ml_collections.ConfigDict:
+  """Gated cross-attention dense blocks: one before LM block i when
+  ``(i + 1 + offset) % every_n_layers == 0`` (offset 0: OpenFlamingo's blocks n-1, 2n-1, ...;
+  offset n-1: IDEFICS's blocks 0, n, 2n, ...).
+
+  ``norm`` (``layernorm`` or ``rmsnorm``, eps ``norm_eps``) is the norm before the attention and
+  before the feed-forward; ``qk_norm`` adds one of that kind to each head of the queries and keys
+  (IDEFICS). The feed-forward is ``ffw_dim`` wide (None: ``ff_mult`` x the LM width), gated
+  (SwiGLU with ``activation`` silu) when ``gated_ffw``. ``document_end_token_id``: tokens after
+  it see no image until the next one (IDEFICS's ``</s>`` rule); None: no such token.
+  """
+  if norm not in XATTN_NORMS:
+    raise ValueError(f"xattn norm must be one of {XATTN_NORMS}, got {norm!r}")
   return ml_collections.ConfigDict(dict(
       every_n_layers=every_n_layers, num_heads=num_heads, head_dim=head_dim, ff_mult=ff_mult,
       activation=activation, only_attend_immediate_media=only_attend_immediate_media,
-  ))
+      offset=offset, norm=norm, norm_eps=norm_eps, qk_norm=qk_norm, ffw_dim=ffw_dim,
+      gated_ffw=gated_ffw, document_end_token_id=document_end_token_id,
+  ), type_safe=False)
 
 
-def flamingo_config(*, lm, vision, resampler, xattn, num_added_tokens: int = 2,
+def flamingo_config(*, lm, vision, resampler, xattn,
+                    added_tokens: Sequence[str] = special_tokens.DEFAULT_ADDED_TOKENS,
                     dtype: str = "float32", param_dtype: str = "float32",
                     remat: str = "none") -> ml_collections.ConfigDict:
-  """The whole model. Added tokens get ids ``lm.vocab_size + k``: k=0 is ``<image>``, k=1 is
-  ``<|endofchunk|>``; their input and output rows train, the LM vocabulary stays frozen.
-  ``remat`` names what each block keeps for the backward pass (``models.remat.NAMES``)."""
+  """The whole model. ``added_tokens`` are the special tokens after the LM vocabulary, in id
+  order: token k has id ``lm.vocab_size + k`` (new models: ``<image>``, ``<|endofchunk|>``;
+  OpenFlamingo's checkpoints the reverse; IDEFICS ``<fake_token_around_image>``, ``<image>``).
+  Their input and output rows train, the LM vocabulary stays frozen. ``remat`` names what each
+  block keeps for the backward pass (``models.remat.NAMES``)."""
+  added_tokens = tuple(added_tokens)
+  special_tokens.added_token_ids(lm.vocab_size, added_tokens)  # checks the list
   return ml_collections.ConfigDict(dict(
-      lm=lm, vision=vision, resampler=resampler, xattn=xattn, num_added_tokens=num_added_tokens,
+      lm=lm, vision=vision, resampler=resampler, xattn=xattn, added_tokens=added_tokens,
       dtype=dtype, param_dtype=param_dtype, remat=remat,
   ))
 
 
+# OpenAI's CLIP ViT-L/14 (quick GELU). The published checkpoints read its features before the
+# final LayerNorm: open_clip <= 2.22 returned the patch tokens before ln_post, and Hugging Face's
+# last_hidden_state precedes post_layernorm.
 CLIP_VIT_L14 = dict(image_size=224, patch_size=14, width=1024, num_layers=24, num_heads=16,
-                    mlp_dim=4096, use_post_layernorm=True)
+                    mlp_dim=4096, use_post_layernorm=False)
+# OpenCLIP ViT-H/14 as IDEFICS uses it (exact GELU, class token kept, no post LayerNorm).
+OPENCLIP_VIT_H14 = dict(image_size=224, patch_size=14, width=1280, num_layers=32, num_heads=16,
+                        mlp_dim=5120, activation="gelu", use_post_layernorm=False,
+                        include_class_token=True)
 
 
 def tiny() -> ml_collections.ConfigDict:
@@ -146,36 +207,87 @@ def bench_small() -> ml_collections.ConfigDict:
   )
 
 
-def _openflamingo(lm, every_n_layers: int) -> ml_collections.ConfigDict:
-  """OpenFlamingo's resampler has no media-time embeddings (its ``max_num_media`` is None), so
-  an image resamples the same in any slot and its checkpoints carry no such table."""
+# OpenFlamingo's GPT-NeoX-20B tokenizer has 50277 ids, to which it adds <|endofchunk|> (50277) and
+# <image> (50278); MPT's and RedPajama's tables are padded to 50432 rows, cut to the tokenizer's.
+NEOX_TOKENIZER_VOCAB = 50277
+
+
+def _openflamingo(lm, every_n_layers: int, *, class_token: bool = False
+                  ) -> ml_collections.ConfigDict:
+  """OpenFlamingo (both versions): CLIP ViT-L/14 features before the final LayerNorm (v2: the
+  256 patch tokens; v1: the class token too); a resampler of 6 x 64 latents, 8 x 64 heads, GELU,
+  without media-time or frame embeddings (its checkpoints hold neither table); gated blocks of
+  8 x 64 heads, LayerNorm, GELU x4; ``<|endofchunk|>`` then ``<image>`` after the vocabulary."""
   return flamingo_config(
-      lm=lm, vision=vision_config(**CLIP_VIT_L14),
+      lm=lm, vision=vision_config(**CLIP_VIT_L14, include_class_token=class_token),
       resampler=resampler_config(depth=6, num_latents=64, num_heads=8, head_dim=64, ff_mult=4,
-                                 activation="gelu", max_num_media=None),
+                                 activation="gelu", max_num_media=None, max_num_frames=None),
       xattn=xattn_config(every_n_layers=every_n_layers, num_heads=8, head_dim=64, ff_mult=4),
-      dtype="bfloat16")
+      added_tokens=special_tokens.OPENFLAMINGO_ADDED_TOKENS, dtype="bfloat16")
 
 
 def openflamingo_3b() -> ml_collections.ConfigDict:
-  """OpenFlamingo-3B shapes: MPT-1B (24 x 2048, 16 heads; as a GPT-2-family stand-in for MPT's
-  ALiBi), CLIP ViT-L/14, a gated block before every layer."""
-  return _openflamingo(lm_config(family="gpt2", vocab_size=50432, num_layers=24, embed_dim=2048,
-                                 num_heads=16, mlp_dim=8192, max_length=2048), every_n_layers=1)
+  """OpenFlamingo-3B (v2): MPT-1B (MosaicGPT: 24 x 2048, 16 heads, ALiBi, full-width q/k
+  LayerNorm), a gated block before every layer."""
+  return _openflamingo(lm_config(family="mpt", vocab_size=NEOX_TOKENIZER_VOCAB, num_layers=24,
+                                 embed_dim=2048, num_heads=16, mlp_dim=8192, max_length=2048,
+                                 qk_norm=True), every_n_layers=1)
 
 
 def openflamingo_4b() -> ml_collections.ConfigDict:
-  """OpenFlamingo-4B shapes: RedPajama-INCITE-3B (GPT-NeoX, 32 x 2560, 32 heads; rotary, so the
-  LLaMA family stands in with a 4x GELU-sized MLP), a gated block every 2nd layer."""
-  return _openflamingo(lm_config(family="llama", vocab_size=50432, num_layers=32, embed_dim=2560,
-                                 num_heads=32, mlp_dim=swiglu_width(4 * 2560), max_length=2048),
-                        every_n_layers=2)
+  """OpenFlamingo-4B (v2): RedPajama-INCITE-3B (GPT-NeoX: 32 x 2560, 32 heads, MLP 10240, full
+  rotary, sequential residual, untied head), a gated block every 2nd layer."""
+  return _openflamingo(lm_config(family="gpt_neox", vocab_size=NEOX_TOKENIZER_VOCAB,
+                                 num_layers=32, embed_dim=2560, num_heads=32, mlp_dim=10240,
+                                 max_length=2048), every_n_layers=2)
 
 
 def openflamingo_9b() -> ml_collections.ConfigDict:
-  """OpenFlamingo-9B shapes: MPT-7B (32 x 4096, 32 heads, 4x MLP), a gated block every 4th layer."""
-  return _openflamingo(lm_config(family="gpt2", vocab_size=50432, num_layers=32, embed_dim=4096,
-                                 num_heads=32, mlp_dim=16384, max_length=2048), every_n_layers=4)
+  """OpenFlamingo-9B (v2): MPT-7B (32 x 4096, 32 heads, ALiBi, MLP 16384), a gated block every
+  4th layer."""
+  return _openflamingo(lm_config(family="mpt", vocab_size=NEOX_TOKENIZER_VOCAB, num_layers=32,
+                                 embed_dim=4096, num_heads=32, mlp_dim=16384, max_length=2048),
+                       every_n_layers=4)
+
+
+def openflamingo_9b_v1() -> ml_collections.ConfigDict:
+  """OpenFlamingo-9B v1 (deprecated; also Med-Flamingo): LLaMA-7B (32 x 4096, 32 heads, SwiGLU
+  11008, vocabulary 32000), the class token kept, a gated block every 4th layer."""
+  return _openflamingo(lm_config(family="llama", vocab_size=32000, num_layers=32, embed_dim=4096,
+                                 num_heads=32, mlp_dim=11008, max_length=2048, norm_eps=1e-6),
+                       every_n_layers=4, class_token=True)
+
+
+def _idefics(lm, norm_eps: float) -> ml_collections.ConfigDict:
+  """IDEFICS: OpenCLIP ViT-H/14 (class token kept, no post LayerNorm); a resampler of 6 x 64
+  latents at width 1280, 16 x 96 heads with per-head q/k LayerNorm, ReLU x4; gated blocks before
+  LM blocks 0, 4, 8, ... with attention at the LM's width and heads, RMSNorm and per-head q/k
+  RMSNorm, the LM's SwiGLU MLP, and no image seen after ``</s>`` (id 2) until the next one;
+  ``<fake_token_around_image>`` (32000) and ``<image>`` (32001) after the vocabulary."""
+  return flamingo_config(
+      lm=lm, vision=vision_config(**OPENCLIP_VIT_H14),
+      resampler=resampler_config(depth=6, num_latents=64, num_heads=16, head_dim=96, ff_mult=4,
+                                 activation="relu", max_num_media=None, max_num_frames=None,
+                                 qk_norm=True),
+      xattn=xattn_config(every_n_layers=4, offset=3, num_heads=lm.num_heads,
+                         head_dim=lm.head_dim, activation="silu", norm="rmsnorm",
+                         norm_eps=norm_eps, qk_norm=True, ffw_dim=lm.mlp_dim, gated_ffw=True,
+                         document_end_token_id=2),
+      added_tokens=special_tokens.IDEFICS_ADDED_TOKENS, dtype="bfloat16")
+
+
+def idefics_9b() -> ml_collections.ConfigDict:
+  """IDEFICS-9B: LLaMA-7B (32 x 4096, 32 heads, SwiGLU 11008, RMSNorm eps 1e-6)."""
+  lm = lm_config(family="llama", vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32,
+                 mlp_dim=11008, max_length=2048, norm_eps=1e-6)
+  return _idefics(lm, norm_eps=1e-6)
+
+
+def idefics_80b() -> ml_collections.ConfigDict:
+  """IDEFICS-80B: LLaMA-65B (80 x 8192, 64 heads, SwiGLU 22016, RMSNorm eps 1e-5)."""
+  lm = lm_config(family="llama", vocab_size=32000, num_layers=80, embed_dim=8192, num_heads=64,
+                 mlp_dim=22016, max_length=2048, norm_eps=1e-5)
+  return _idefics(lm, norm_eps=1e-5)
 
 
 def _flamingo(lm, every_n_layers: int, xattn_heads: int) -> ml_collections.ConfigDict:
@@ -216,7 +328,8 @@ def flamingo_80b() -> ml_collections.ConfigDict:
 PRESETS = {
     "tiny": tiny, "tiny_llama": tiny_llama, "bench_small": bench_small,
     "openflamingo_3b": openflamingo_3b, "openflamingo_4b": openflamingo_4b,
-    "openflamingo_9b": openflamingo_9b,
+    "openflamingo_9b": openflamingo_9b, "openflamingo_9b_v1": openflamingo_9b_v1,
+    "idefics_9b": idefics_9b, "idefics_80b": idefics_80b,
     "flamingo_3b": flamingo_3b, "flamingo_9b": flamingo_9b, "flamingo_80b": flamingo_80b,
 }
 

@@ -40,8 +40,17 @@ def read_config(path: str | pathlib.Path) -> dict:
   return json.loads(config_file.read_text())
 
 
+class MissingTensorError(KeyError):
+  """A tensor a loader needs is not in the checkpoint; ``name`` is its name."""
+
+  def __init__(self, name: str, path):
+    super().__init__(f"tensor {name!r} not found in checkpoint {str(path)!r}")
+    self.name = name
+
+
 class Checkpoint:
-  """The tensors of a local safetensors checkpoint, read lazily by name."""
+  """The tensors of a local safetensors checkpoint, read lazily by name. It remembers which names
+  were read, so an importer can name every tensor it did not map (``unread``)."""
 
   def __init__(self, path: str | pathlib.Path):
     folder = pathlib.Path(path)
@@ -59,6 +68,7 @@ class Checkpoint:
     if missing:
       raise FileNotFoundError(f"safetensors shards listed in the index are missing: {missing}")
     self.path = folder
+    self.read: set[str] = set()
 
   def keys(self) -> Iterator[str]:
     return iter(self._files)
@@ -68,9 +78,14 @@ class Checkpoint:
 
   def get(self, name: str) -> jax.Array:
     if name not in self._files:
-      raise KeyError(f"tensor {name!r} not found in checkpoint {str(self.path)!r}")
+      raise MissingTensorError(name, self.path)
+    self.read.add(name)
     with safe_open(self._files[name], framework="flax") as f:
       return f.get_tensor(name)
+
+  def unread(self) -> list[str]:
+    """The tensor names no ``get`` has asked for, sorted."""
+    return sorted(set(self._files) - self.read)
 
 
 def assign(variable: nnx.Variable, value, name: str) -> None:
@@ -156,7 +171,7 @@ def load_hf_vision(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.
   return encoder
 
 
-def _checked(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> jax.Array:
+def checked_tensor(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> jax.Array:
   """Tensor ``name`` after checking its shape as stored in the checkpoint."""
   value = ckpt.get(name)
   if tuple(value.shape) != tuple(expected):
@@ -165,19 +180,21 @@ def _checked(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> jax.Arra
   return value
 
 
-def _load_linear(dense, ckpt: Checkpoint, name: str) -> None:
+def load_linear(dense, ckpt: Checkpoint, name: str) -> None:
   """torch ``Linear`` (weight ``[out, in]``) into our ``Dense`` (kernel ``[*in, *out]``)."""
   n_in, n_out = math.prod(dense.in_features), math.prod(dense.out_features)
-  weight = _checked(ckpt, f"{name}.weight", (n_out, n_in))
+  weight = checked_tensor(ckpt, f"{name}.weight", (n_out, n_in))
   assign(dense.kernel, weight.T.reshape(dense.kernel.shape), f"{name}.weight")
   if dense.bias is not None:
-    bias = _checked(ckpt, f"{name}.bias", (n_out,))
+    bias = checked_tensor(ckpt, f"{name}.bias", (n_out,))
     assign(dense.bias, bias.reshape(dense.bias.shape), f"{name}.bias")
 
 
-def _load_layer_norm(norm, ckpt: Checkpoint, name: str) -> None:
+def load_norm(norm, ckpt: Checkpoint, name: str) -> None:
+  """A torch LayerNorm or RMSNorm (``weight``, and ``bias`` when ours has one)."""
   assign(norm.scale, ckpt.get(f"{name}.weight"), f"{name}.weight")
-  assign(norm.bias, ckpt.get(f"{name}.bias"), f"{name}.bias")
+  if getattr(norm, "bias", None) is not None:
+    assign(norm.bias, ckpt.get(f"{name}.bias"), f"{name}.bias")
 
 
 def _check_vision_architecture(encoder: VisionEncoder, fields: dict, path) -> None:
@@ -201,17 +218,20 @@ def load_hf_vision_weights(encoder: VisionEncoder, path: str | pathlib.Path) -> 
   encoder does not run (after ``feature_layer``) and ``post_layernorm`` when unused are skipped.
   """
   hf_config = read_config(path)
-  fields = _hf_vision_fields(hf_config)
-  _check_vision_architecture(encoder, fields, path)
+  _check_vision_architecture(encoder, _hf_vision_fields(hf_config), path)
   ckpt = Checkpoint(path)
   prefixed = "vision_model.embeddings.class_embedding" in ckpt
   if hf_config["model_type"] == "clip" and not prefixed:
     raise KeyError(f"tensor 'vision_model.embeddings.class_embedding' not found in checkpoint "
                    f"{str(path)!r}: a CLIPModel folder must hold its vision tower as vision_model.*")
-  prefix = "vision_model." if prefixed else ""
+  load_clip_vision(encoder, ckpt, "vision_model." if prefixed else "")
 
-  width, p, c = fields["hidden_size"], encoder.patch_size, encoder.num_channels
-  conv = _checked(ckpt, f"{prefix}embeddings.patch_embedding.weight", (width, c, p, p))
+
+def load_clip_vision(encoder: VisionEncoder, ckpt, prefix: str) -> None:
+  """Fills ``encoder`` from the CLIP-named tensors under ``prefix`` of ``ckpt`` (anything with
+  ``get``): Hugging Face's CLIP, and IDEFICS's tower (``model.vision_model.``)."""
+  width, p, c = encoder.class_embedding.shape[0], encoder.patch_size, encoder.num_channels
+  conv = checked_tensor(ckpt, f"{prefix}embeddings.patch_embedding.weight", (width, c, p, p))
   # torch Conv2d weight [out, in, kh, kw] -> our patch kernel [kh, kw, in, out].
   assign(encoder.patch_embedding.kernel, conv.transpose(2, 3, 1, 0),
          f"{prefix}embeddings.patch_embedding.weight")
@@ -219,22 +239,22 @@ def load_hf_vision_weights(encoder: VisionEncoder, path: str | pathlib.Path) -> 
          f"{prefix}embeddings.class_embedding")
   assign(encoder.position_embedding, ckpt.get(f"{prefix}embeddings.position_embedding.weight"),
          f"{prefix}embeddings.position_embedding.weight")
-  _load_layer_norm(encoder.pre_layrnorm, ckpt, f"{prefix}pre_layrnorm")
+  load_norm(encoder.pre_layrnorm, ckpt, f"{prefix}pre_layrnorm")
   for i, block in enumerate(encoder.layers):
     name = f"{prefix}encoder.layers.{i}"
-    _load_layer_norm(block.layer_norm1, ckpt, f"{name}.layer_norm1")
+    load_norm(block.layer_norm1, ckpt, f"{name}.layer_norm1")
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      _load_linear(getattr(block.self_attn, proj), ckpt, f"{name}.self_attn.{proj}")
-    _load_layer_norm(block.layer_norm2, ckpt, f"{name}.layer_norm2")
-    _load_linear(block.mlp.up, ckpt, f"{name}.mlp.fc1")
-    _load_linear(block.mlp.down, ckpt, f"{name}.mlp.fc2")
+      load_linear(getattr(block.self_attn, proj), ckpt, f"{name}.self_attn.{proj}")
+    load_norm(block.layer_norm2, ckpt, f"{name}.layer_norm2")
+    load_linear(block.mlp.up, ckpt, f"{name}.mlp.fc1")
+    load_linear(block.mlp.down, ckpt, f"{name}.mlp.fc2")
   if encoder.post_layernorm is not None:
-    _load_layer_norm(encoder.post_layernorm, ckpt, f"{prefix}post_layernorm")
+    load_norm(encoder.post_layernorm, ckpt, f"{prefix}post_layernorm")
 
 
-# --- Decoder LMs: Hugging Face GPT-2, LLaMA, Mistral and Qwen2 ---
+# --- Decoder LMs: Hugging Face GPT-2, LLaMA, Mistral, Qwen2, MPT (and MosaicGPT), GPT-NeoX ---
 
-HF_LM_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+HF_LM_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "mpt", "mosaic_gpt", "gpt_neox")
 
 
 def _hf_field(hf_config: dict, key: str):
@@ -296,18 +316,107 @@ def _llama_config(hf_config: dict) -> ml_collections.ConfigDict:
       attention_bias=model_type == "qwen2", activation=hf_config.get("hidden_act", "silu"))
 
 
+def _mpt_config(hf_config: dict) -> ml_collections.ConfigDict:
+  """MPT's config.json (``attn_config`` holds the attention settings) or MosaicGPT's (flat, the
+  older layout of MPT-1B). Missing settings take the defaults of the code that reads each:
+  transformers' ``MptConfig`` and MosaicGPT's config class (``alibi`` off, biases on)."""
+  model_type = hf_config["model_type"]
+  if model_type == "mpt":
+    attn = {"alibi": True, "alibi_bias_max": 8, "qk_ln": False, "clip_qkv": None,
+            "softmax_scale": None, "prefix_lm": False, **(hf_config.get("attn_config") or {})}
+    where = {key: f"attn_config.{key}" for key in attn}
+    mlp_ratio = hf_config.get("expansion_ratio", 4)
+    no_bias = hf_config.get("no_bias", True)
+    eps = hf_config.get("layer_norm_epsilon", 1e-5)
+    ffn_type = (hf_config.get("ffn_config") or {}).get("ffn_type", "mptmlp")
+    if ffn_type != "mptmlp":
+      raise NotImplementedError(f"mpt config.json sets ffn_config.ffn_type={ffn_type!r}; only "
+                                "'mptmlp' (a GELU MLP) is supported")
+    norm_type = hf_config.get("norm_type", "low_precision_layernorm")
+    if norm_type not in ("layernorm", "low_precision_layernorm"):
+      raise NotImplementedError(f"mpt config.json sets norm_type={norm_type!r}; only LayerNorm is "
+                                "supported")
+  else:
+    attn = {"alibi": hf_config.get("alibi", False),
+            "alibi_bias_max": hf_config.get("alibi_bias_max", 8),
+            "qk_ln": hf_config.get("attn_qk_ln", False),
+            "clip_qkv": hf_config.get("attn_clip_qkv"),
+            "softmax_scale": hf_config.get("softmax_scale"),
+            "prefix_lm": hf_config.get("prefix_lm", False)}
+    where = {"alibi": "alibi", "alibi_bias_max": "alibi_bias_max", "qk_ln": "attn_qk_ln",
+             "clip_qkv": "attn_clip_qkv", "softmax_scale": "softmax_scale",
+             "prefix_lm": "prefix_lm"}
+    mlp_ratio = hf_config.get("mlp_ratio", 4)
+    no_bias = hf_config.get("no_bias", False)
+    eps = 1e-5  # torch's LayerNorm default, which MosaicGPT uses
+  unsupported = []  # (setting, value, what is supported)
+  if not attn["alibi"]:
+    unsupported.append((where["alibi"], attn["alibi"], "true; learned positions are not built"))
+  if attn["prefix_lm"]:
+    unsupported.append((where["prefix_lm"], attn["prefix_lm"], "false"))
+  for key in ("clip_qkv", "softmax_scale"):
+    if attn[key] is not None:
+      unsupported.append((where[key], attn[key], "null"))
+  if hf_config.get("logit_scale") is not None:
+    unsupported.append(("logit_scale", hf_config["logit_scale"], "null"))
+  if not no_bias:
+    unsupported.append(("no_bias", no_bias, "true"))
+  if unsupported:
+    raise NotImplementedError(f"{model_type} config.json sets " + "; ".join(
+        f"{key}={value!r} (supported: {supported})" for key, value, supported in unsupported))
+  embed_dim = _hf_field(hf_config, "d_model")
+  return lm_config(
+      family="mpt", vocab_size=_hf_field(hf_config, "vocab_size"),
+      num_layers=_hf_field(hf_config, "n_layers"), embed_dim=embed_dim,
+      num_heads=_hf_field(hf_config, "n_heads"), mlp_dim=mlp_ratio * embed_dim,
+      max_length=_hf_field(hf_config, "max_seq_len"), norm_eps=eps,
+      tie_word_embeddings=hf_config.get("tie_word_embeddings", True),
+      alibi_bias_max=float(attn["alibi_bias_max"]), qk_norm=bool(attn["qk_ln"]))
+
+
+def _gpt_neox_config(hf_config: dict) -> ml_collections.ConfigDict:
+  """GPT-NeoX's config.json: transformers 5 writes ``rope_parameters`` (``rope_theta``,
+  ``partial_rotary_factor``), older files ``rotary_emb_base`` and ``rotary_pct``."""
+  rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise NotImplementedError(f"gpt_neox config.json sets rope_type {rope_type!r}; only "
+                              "'default' RoPE is supported")
+  return lm_config(
+      family="gpt_neox", vocab_size=_hf_field(hf_config, "vocab_size"),
+      num_layers=_hf_field(hf_config, "num_hidden_layers"),
+      embed_dim=_hf_field(hf_config, "hidden_size"),
+      num_heads=_hf_field(hf_config, "num_attention_heads"),
+      mlp_dim=_hf_field(hf_config, "intermediate_size"),
+      max_length=_hf_field(hf_config, "max_position_embeddings"),
+      norm_eps=hf_config.get("layer_norm_eps", 1e-5),
+      rope_theta=rope.get("rope_theta", hf_config.get("rotary_emb_base", 10000.0)),
+      rotary_fraction=rope.get("partial_rotary_factor", hf_config.get("rotary_pct", 0.25)),
+      parallel_residual=hf_config.get("use_parallel_residual", True),
+      tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
+      attention_bias=hf_config.get("attention_bias", True),
+      activation=hf_config.get("hidden_act", "gelu"))
+
+
 def lm_config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
   """Our ``lm_config`` from a Hugging Face ``config.json`` dict.
 
   ``gpt2`` maps to the ``gpt2`` family; ``llama``, ``mistral`` and ``qwen2`` to ``llama`` (Qwen2 with
-  q/k/v biases). A sliding attention window caps ``max_length`` at the window, since up to that
+  q/k/v biases); ``mpt`` and ``mosaic_gpt`` (MPT-1B's older code) to ``mpt``; ``gpt_neox`` to
+  ``gpt_neox``. A sliding attention window caps ``max_length`` at the window, since up to that
   length it masks nothing. Features outside these families raise ``NotImplementedError``.
   """
   model_type = hf_config.get("model_type")
   if model_type not in HF_LM_MODEL_TYPES:
     raise ValueError(f"config.json model_type must be one of {HF_LM_MODEL_TYPES} for a decoder "
                      f"LM, got {model_type!r}")
-  return _gpt2_config(hf_config) if model_type == "gpt2" else _llama_config(hf_config)
+  if model_type == "gpt2":
+    return _gpt2_config(hf_config)
+  if model_type in ("mpt", "mosaic_gpt"):
+    return _mpt_config(hf_config)
+  if model_type == "gpt_neox":
+    return _gpt_neox_config(hf_config)
+  return _llama_config(hf_config)
 
 
 def _lm_prefix(ckpt: Checkpoint, prefix: str, probe: str, family: str) -> str:
@@ -319,16 +428,12 @@ def _lm_prefix(ckpt: Checkpoint, prefix: str, probe: str, family: str) -> str:
                  f"{str(ckpt.path)!r}: it does not hold a {family}-family decoder LM")
 
 
-def _load_embedding(embed, ckpt: Checkpoint, name: str) -> None:
-  assign(embed.embedding, ckpt.get(name), name)
-
-
 def _load_conv1d(dense, ckpt: Checkpoint, name: str) -> None:
   """GPT-2's ``Conv1D`` (weight ``[in, out]``) into our ``Dense`` (kernel ``[*in, *out]``)."""
   n_in, n_out = math.prod(dense.in_features), math.prod(dense.out_features)
-  weight = _checked(ckpt, f"{name}.weight", (n_in, n_out))
+  weight = checked_tensor(ckpt, f"{name}.weight", (n_in, n_out))
   assign(dense.kernel, weight.reshape(dense.in_features + dense.out_features), f"{name}.weight")
-  bias = _checked(ckpt, f"{name}.bias", (n_out,))
+  bias = checked_tensor(ckpt, f"{name}.bias", (n_out,))
   assign(dense.bias, bias.reshape(dense.out_features), f"{name}.bias")
 
 
@@ -336,8 +441,8 @@ def _load_gpt2_attention(attn, ckpt: Checkpoint, name: str) -> None:
   """GPT-2's fused ``c_attn`` ([D, 3 * H * Dh], q then k then v) and ``c_proj``."""
   d = attn.query.in_features[0]
   width = math.prod(attn.query.out_features)
-  weight = _checked(ckpt, f"{name}.c_attn.weight", (d, 3 * width))
-  bias = _checked(ckpt, f"{name}.c_attn.bias", (3 * width,))
+  weight = checked_tensor(ckpt, f"{name}.c_attn.weight", (d, 3 * width))
+  bias = checked_tensor(ckpt, f"{name}.c_attn.bias", (3 * width,))
   for dense, w, b in zip((attn.query, attn.key, attn.value), jnp.split(weight, 3, axis=1),
                          jnp.split(bias, 3)):
     assign(dense.kernel, w.reshape(dense.in_features + dense.out_features), f"{name}.c_attn.weight")
@@ -345,52 +450,157 @@ def _load_gpt2_attention(attn, ckpt: Checkpoint, name: str) -> None:
   _load_conv1d(attn.out, ckpt, f"{name}.c_proj")
 
 
+def _gpt2_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "gpt2")
+  return f"{prefix}wte.weight", "lm_head.weight"
+
+
 def _load_gpt2(lm: DecoderLM, ckpt: Checkpoint) -> None:
   prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "gpt2")
-  _load_embedding(lm.token_embed, ckpt, f"{prefix}wte.weight")
-  _load_embedding(lm.position_embed, ckpt, f"{prefix}wpe.weight")
+  assign(lm.position_embed.embedding, ckpt.get(f"{prefix}wpe.weight"), f"{prefix}wpe.weight")
   for i, block in enumerate(lm.blocks):
     name = f"{prefix}h.{i}"
-    _load_layer_norm(block.attn_norm, ckpt, f"{name}.ln_1")
+    load_norm(block.attn_norm, ckpt, f"{name}.ln_1")
     _load_gpt2_attention(block.attn, ckpt, f"{name}.attn")
-    _load_layer_norm(block.mlp_norm, ckpt, f"{name}.ln_2")
+    load_norm(block.mlp_norm, ckpt, f"{name}.ln_2")
     _load_conv1d(block.mlp.up, ckpt, f"{name}.mlp.c_fc")
     _load_conv1d(block.mlp.down, ckpt, f"{name}.mlp.c_proj")
-  _load_layer_norm(lm.final_norm, ckpt, f"{prefix}ln_f")
+  load_norm(lm.final_norm, ckpt, f"{prefix}ln_f")
+
+
+def _llama_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  prefix = _lm_prefix(ckpt, "model.", "embed_tokens.weight", "llama")
+  return f"{prefix}embed_tokens.weight", "lm_head.weight"
 
 
 def _load_llama(lm: DecoderLM, ckpt: Checkpoint) -> None:
   prefix = _lm_prefix(ckpt, "model.", "embed_tokens.weight", "llama")
-  _load_embedding(lm.token_embed, ckpt, f"{prefix}embed_tokens.weight")
   for i, block in enumerate(lm.blocks):
     name = f"{prefix}layers.{i}"
-    assign(block.attn_norm.scale, ckpt.get(f"{name}.input_layernorm.weight"),
-           f"{name}.input_layernorm.weight")
+    load_norm(block.attn_norm, ckpt, f"{name}.input_layernorm")
     for dense, proj in ((block.attn.query, "q_proj"), (block.attn.key, "k_proj"),
                         (block.attn.value, "v_proj"), (block.attn.out, "o_proj")):
-      _load_linear(dense, ckpt, f"{name}.self_attn.{proj}")
-    assign(block.mlp_norm.scale, ckpt.get(f"{name}.post_attention_layernorm.weight"),
-           f"{name}.post_attention_layernorm.weight")
+      load_linear(dense, ckpt, f"{name}.self_attn.{proj}")
+    load_norm(block.mlp_norm, ckpt, f"{name}.post_attention_layernorm")
     for dense, proj in ((block.mlp.gate, "gate_proj"), (block.mlp.up, "up_proj"),
                         (block.mlp.down, "down_proj")):
-      _load_linear(dense, ckpt, f"{name}.mlp.{proj}")
-  assign(lm.final_norm.scale, ckpt.get(f"{prefix}norm.weight"), f"{prefix}norm.weight")
+      load_linear(dense, ckpt, f"{name}.mlp.{proj}")
+  load_norm(lm.final_norm, ckpt, f"{prefix}norm")
+
+
+def _load_fused_qkv(attn, weight, bias, name: str) -> None:
+  """A fused q/k/v projection as [3, H, Dh, D] (weight) and [3, H, Dh] (bias) into our three."""
+  for j, dense in enumerate((attn.query, attn.key, attn.value)):
+    assign(dense.kernel, weight[j].transpose(2, 0, 1), f"{name}.weight")
+    if bias is not None:
+      assign(dense.bias, bias[j], f"{name}.bias")
+
+
+# MosaicGPT's names for MPT's modules (mosaicml/examples v0.0.4, MPT-1B).
+_MOSAIC_GPT_NAMES = {"norm_1": "ln_1", "norm_2": "ln_2", "ffn.up_proj": "mlp.mlp_up",
+                     "ffn.down_proj": "mlp.mlp_down", "norm_f": "ln_f"}
+
+
+def _mpt_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "mpt")
+  return f"{prefix}wte.weight", "lm_head.weight"
+
+
+def _load_mpt(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  """MPT's tensors, in transformers' and MPT-7B's names or in MosaicGPT's (``ln_1``, ``mlp.mlp_up``,
+  ``ln_f``, and ``attn.q_ln`` / ``attn.k_ln`` for the full-width q/k LayerNorm)."""
+  prefix = _lm_prefix(ckpt, "transformer.", "wte.weight", "mpt")
+  mosaic = f"{prefix}blocks.0.ln_1.weight" in ckpt
+  rename = (lambda n: _MOSAIC_GPT_NAMES.get(n, n)) if mosaic else (lambda n: n)
+  cfg = lm.cfg
+  h, dh, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
+  for i, block in enumerate(lm.blocks):
+    name = f"{prefix}blocks.{i}"
+    load_norm(block.attn_norm, ckpt, f"{name}.{rename('norm_1')}")
+    # Wqkv's output is q, k and v in contiguous thirds, each split into heads.
+    wqkv = checked_tensor(ckpt, f"{name}.attn.Wqkv.weight", (3 * h * dh, d))
+    _load_fused_qkv(block.attn, wqkv.reshape(3, h, dh, d), None, f"{name}.attn.Wqkv")
+    if block.attn.q_norm is not None:
+      load_norm(block.attn.q_norm, ckpt, f"{name}.attn.q_ln")
+      load_norm(block.attn.k_norm, ckpt, f"{name}.attn.k_ln")
+    load_linear(block.attn.out, ckpt, f"{name}.attn.out_proj")
+    load_norm(block.mlp_norm, ckpt, f"{name}.{rename('norm_2')}")
+    load_linear(block.mlp.up, ckpt, f"{name}.{rename('ffn.up_proj')}")
+    load_linear(block.mlp.down, ckpt, f"{name}.{rename('ffn.down_proj')}")
+  load_norm(lm.final_norm, ckpt, f"{prefix}{rename('norm_f')}")
+
+
+def _gpt_neox_tables(ckpt: Checkpoint) -> tuple[str, str]:
+  """GPT-NeoX's head is ``embed_out`` in the published files and ``lm_head`` in what
+  transformers 5 holds in memory: either name is read."""
+  prefix = _lm_prefix(ckpt, "gpt_neox.", "embed_in.weight", "gpt_neox")
+  head = "embed_out.weight" if "embed_out.weight" in ckpt else "lm_head.weight"
+  return f"{prefix}embed_in.weight", head
+
+
+def _load_gpt_neox(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  prefix = _lm_prefix(ckpt, "gpt_neox.", "embed_in.weight", "gpt_neox")
+  cfg = lm.cfg
+  h, dh, d = cfg.num_heads, cfg.head_dim, cfg.embed_dim
+  for i, block in enumerate(lm.blocks):
+    name = f"{prefix}layers.{i}"
+    load_norm(block.attn_norm, ckpt, f"{name}.input_layernorm")
+    # query_key_value is fused per head: its output is [H, (q, k, v), Dh].
+    qkv = f"{name}.attention.query_key_value"
+    weight = checked_tensor(ckpt, f"{qkv}.weight", (3 * h * dh, d)).reshape(h, 3, dh, d)
+    bias = None
+    if cfg.attention_bias:
+      bias = checked_tensor(ckpt, f"{qkv}.bias", (3 * h * dh,)).reshape(h, 3, dh).transpose(1, 0, 2)
+    _load_fused_qkv(block.attn, weight.transpose(1, 0, 2, 3), bias, qkv)
+    load_linear(block.attn.out, ckpt, f"{name}.attention.dense")
+    load_norm(block.mlp_norm, ckpt, f"{name}.post_attention_layernorm")
+    load_linear(block.mlp.up, ckpt, f"{name}.mlp.dense_h_to_4h")
+    load_linear(block.mlp.down, ckpt, f"{name}.mlp.dense_4h_to_h")
+  load_norm(lm.final_norm, ckpt, f"{prefix}final_layer_norm")
+
+
+# Per family: the loader of everything but the vocabulary tables, and those tables' names.
+_LM_LOADERS = {"gpt2": (_load_gpt2, _gpt2_tables), "llama": (_load_llama, _llama_tables),
+               "mpt": (_load_mpt, _mpt_tables), "gpt_neox": (_load_gpt_neox, _gpt_neox_tables)}
+
+
+def load_hf_lm_blocks(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  """Fills everything of ``lm`` but its token table and untied head from ``ckpt`` (a
+  ``Checkpoint`` of a Hugging Face LM, or anything with ``get`` and ``in``)."""
+  _LM_LOADERS[lm.cfg.family][0](lm, ckpt)
+
+
+def lm_table_names(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
+  """The names in ``ckpt`` of ``lm``'s token table and untied head (None when tied)."""
+  embed_name, head_name = _LM_LOADERS[lm.cfg.family][1](ckpt)
+  return embed_name, None if lm.lm_head is None else head_name
 
 
 def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path) -> None:
   """Fills ``lm`` in place with the weights of a local Hugging Face decoder-LM folder.
 
-  Tensor names may carry the base-model prefix (``transformer.`` for GPT-2, ``model.`` for the
-  LLaMA family) or not; a tied head reads no ``lm_head.weight``. ``lm`` may be abstract (from
-  ``nnx.eval_shape``): every parameter then receives its checkpoint value.
+  Tensor names may carry the base-model prefix (``transformer.`` for GPT-2 and MPT, ``model.`` for
+  the LLaMA family, ``gpt_neox.``) or not; a tied head reads no head tensor. ``lm`` may be
+  abstract (from ``nnx.eval_shape``): every parameter then receives its checkpoint value.
   """
   ckpt = Checkpoint(path)
-  if lm.cfg.family == "gpt2":
-    _load_gpt2(lm, ckpt)
-  else:
-    _load_llama(lm, ckpt)
-  if lm.lm_head is not None:
-    _load_linear(lm.lm_head, ckpt, "lm_head")
+  load_hf_lm_blocks(lm, ckpt)
+  load_hf_lm_tables(lm, ckpt)
+
+
+def load_hf_lm_tables(lm: DecoderLM, ckpt: Checkpoint) -> None:
+  """Fills ``lm``'s token table and untied head from ``ckpt``; their sizes must be the model's."""
+  embed_name, head_name = lm_table_names(lm, ckpt)
+  assign(lm.token_embed.embedding, ckpt.get(embed_name), embed_name)
+  if head_name is not None:
+    weight = checked_tensor(ckpt, head_name, lm.lm_head.kernel.shape[::-1])
+    assign(lm.lm_head.kernel, weight.T, head_name)
+
+
+def unfilled_parameters(model: nnx.Module) -> list[str]:
+  """Paths of the variables of an abstractly built ``model`` that no value was written to."""
+  return [".".join(map(str, p)) for p, v in nnx.iter_graph(model)
+          if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
 
 
 def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.float32) -> DecoderLM:
@@ -400,8 +610,7 @@ def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.floa
   lm = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
                                         param_dtype=param_dtype))
   load_hf_lm_weights(lm, path)
-  unfilled = [".".join(map(str, p)) for p, v in nnx.iter_graph(lm)
-              if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  unfilled = unfilled_parameters(lm)
   if unfilled:
     raise ValueError(f"checkpoint {str(path)!r} left these parameters unfilled: {unfilled}")
   return lm

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, struct
 
+from xattn_vlm import special_tokens
 from xattn_vlm.models import layers
 from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.lm import DecoderLM, LMCache
@@ -28,18 +29,30 @@ trainable = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in TRAINABLE_
 frozen = nnx.All(nnx.Param, nnx.Not(trainable))
 
 
-def gated_layer_indices(num_layers: int, every_n_layers: int) -> list[int]:
-  """LM blocks that get a gated block before them: i with (i + 1) % every_n_layers == 0."""
+def gated_layer_indices(num_layers: int, every_n_layers: int, offset: int = 0) -> list[int]:
+  """LM blocks that get a gated block before them: i with (i + 1 + offset) % every_n_layers == 0.
+
+  Offset 0 is OpenFlamingo's placement (blocks n-1, 2n-1, ...); offset n-1 is IDEFICS's (blocks
+  0, n, 2n, ...).
+  """
   if every_n_layers < 1:
     raise ValueError(f"xattn.every_n_layers must be >= 1, got {every_n_layers}")
-  return [i for i in range(num_layers) if (i + 1) % every_n_layers == 0]
+  if not 0 <= offset < every_n_layers:
+    raise ValueError(f"xattn.offset must be in [0, every_n_layers={every_n_layers}), got {offset}")
+  return [i for i in range(num_layers) if (i + 1 + offset) % every_n_layers == 0]
+
+
+def gated_layers(config: ml_collections.ConfigDict) -> list[int]:
+  """``gated_layer_indices`` of a model config: the LM blocks its gated blocks run before."""
+  return gated_layer_indices(config.lm.num_layers, config.xattn.every_n_layers,
+                             config.xattn.offset)
 
 
 @struct.dataclass
 class FlamingoCache:
   """Decoding state: the LM KV cache, each gated block's media keys/values ([B, H, T*n, Dh],
-  computed once per prompt), the media index new tokens attend to (the prompt's last image) and
-  the next position."""
+  computed once per prompt), the media index new tokens attend to (the prompt's last token's: its
+  last image, or none after a document end) and the next position."""
   lm: LMCache
   media_kv: tuple[tuple[jax.Array, jax.Array], ...]
   media_index: jax.Array  # [B] int32
@@ -54,34 +67,37 @@ class Flamingo(nnx.Module):
   """Flamingo built from a model config (``xattn_vlm.models.config``).
 
   Token ids ``< lm.vocab_size`` use the frozen LM vocabulary; ids ``lm.vocab_size + k`` are the
-  added tokens (k=0 ``<image>``, k=1 ``<|endofchunk|>``) with their own trainable input and output
-  rows. Logits cover both: ``[B, L, lm.vocab_size + num_added_tokens]``.
+  added tokens (``config.added_tokens[k]``: by default k=0 ``<image>``, k=1 ``<|endofchunk|>``)
+  with their own trainable input and output rows. Logits cover both:
+  ``[B, L, lm.vocab_size + len(added_tokens)]``.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    lm_cfg, vis_cfg = config.lm, config.vision
+    lm_cfg, vis_cfg, x_cfg = config.lm, config.vision, config.xattn
+    self.media_token_id, self.eoc_token_id = special_tokens.added_token_ids(
+        lm_cfg.vocab_size, config.added_tokens)
     self.vision = VisionEncoder(vis_cfg, remat=config.remat, **kw)
     self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width, **kw)
     self.lm = DecoderLM(lm_cfg, remat=config.remat, **kw)
     dim_visual = config.resampler.width or vis_cfg.width
-    self.gated_layers = tuple(gated_layer_indices(lm_cfg.num_layers, config.xattn.every_n_layers))
+    self.gated_layers = tuple(gated_layers(config))
     self.gated_blocks = nnx.List([
         GatedCrossAttentionBlock(
-            lm_cfg.embed_dim, dim_visual, num_heads=config.xattn.num_heads,
-            head_dim=config.xattn.head_dim, ff_mult=config.xattn.ff_mult,
-            activation=config.xattn.activation, norm_eps=1e-5, **kw)
+            lm_cfg.embed_dim, dim_visual, num_heads=x_cfg.num_heads, head_dim=x_cfg.head_dim,
+            ff_mult=x_cfg.ff_mult, activation=x_cfg.activation, norm_eps=x_cfg.norm_eps,
+            norm=x_cfg.norm, qk_norm=x_cfg.qk_norm, ffw_dim=x_cfg.ffw_dim,
+            gated_ffw=x_cfg.gated_ffw, **kw)
         for _ in self.gated_layers])
-    self.added_embed = layers.Embed(config.num_added_tokens, lm_cfg.embed_dim,
+    num_added = len(config.added_tokens)
+    self.added_embed = layers.Embed(num_added, lm_cfg.embed_dim,
                                     axes=(None, "embed"), **kw)
     self.added_head = layers.param(rngs, nnx.initializers.normal(0.02),
-                                   (config.num_added_tokens, lm_cfg.embed_dim), (None, "embed"),
+                                   (num_added, lm_cfg.embed_dim), (None, "embed"),
                                    param_dtype)
     self.vocab_size = lm_cfg.vocab_size
-    self.media_token_id = lm_cfg.vocab_size
-    self.eoc_token_id = lm_cfg.vocab_size + 1
     self.dtype = dtype
 
   # -- pieces -----------------------------------------------------------------------------------
@@ -110,7 +126,7 @@ class Flamingo(nnx.Module):
     is_added = (input_ids >= self.vocab_size)[..., None]
     lm_rows = self.lm.embed_tokens(jnp.where(is_added[..., 0], 0, input_ids))
     added_rows = self.added_embed(jnp.clip(input_ids - self.vocab_size, 0,
-                                           self.config.num_added_tokens - 1))
+                                           len(self.config.added_tokens) - 1))
     return jnp.where(is_added, added_rows.astype(lm_rows.dtype), lm_rows)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
@@ -136,6 +152,10 @@ class Flamingo(nnx.Module):
     return self.lm.forward_embeddings(self.embed(input_ids), positions, attention_mask,
                                       cache=cache, before_block=before_block)
 
+  def _media_index(self, input_ids: jax.Array) -> jax.Array:
+    return media_locations(input_ids, self.media_token_id,
+                           self.config.xattn.document_end_token_id)
+
   def _xattn_mask(self, media_index: jax.Array, num_media: int) -> jax.Array:
     return cross_attention_mask(media_index, num_media, self.config.resampler.num_latents,
                                 self.config.xattn.only_attend_immediate_media)
@@ -154,7 +174,7 @@ class Flamingo(nnx.Module):
     latents = self.encode_media(images, vision_features)
     self._check_media_count(input_ids, latents.shape[1], media_mask)
     positions = layers.default_positions(attention_mask)
-    media_index = media_locations(input_ids, self.media_token_id)
+    media_index = self._media_index(input_ids)
     mask = self._xattn_mask(media_index, latents.shape[1])
     hidden, _ = self._run(input_ids, positions, attention_mask, self._media_kv(latents), mask, None)
     return self.logits(hidden)
@@ -176,19 +196,21 @@ class Flamingo(nnx.Module):
     latents = self.encode_media(images, vision_features)
     self._check_media_count(input_ids, latents.shape[1], None)
     positions = layers.default_positions(attention_mask)
-    media_index = media_locations(input_ids, self.media_token_id)
+    media_index = self._media_index(input_ids)
     media_kv = self._media_kv(latents)
     mask = self._xattn_mask(media_index, latents.shape[1])
     lm_cache = self.lm.init_cache(input_ids.shape[0], max_length)
     hidden, lm_cache = self._run(input_ids, positions, attention_mask, media_kv, mask, lm_cache)
-    cache = FlamingoCache(lm=lm_cache, media_kv=media_kv, media_index=media_index.max(axis=-1),
+    # New tokens see what the prompt's last token sees (left padding puts it in the last column).
+    cache = FlamingoCache(lm=lm_cache, media_kv=media_kv, media_index=media_index[:, -1],
                           position=attention_mask.sum(axis=-1).astype(jnp.int32))
     return self.logits(hidden[:, -1:] if last_only else hidden), cache
 
   def decode_step(self, input_ids: jax.Array, cache: FlamingoCache
                   ) -> tuple[jax.Array, FlamingoCache]:
     """One new token per sequence, input_ids [B, 1]: logits [B, 1, vocab + added] and the updated
-    cache. New tokens attend to the prompt's last image."""
+    cache. New tokens see what the prompt's last token sees: its last image (none after a
+    document end)."""
     if input_ids.ndim != 2 or input_ids.shape[1] != 1:
       raise ValueError(f"decode_step takes input_ids of shape [B, 1], got {tuple(input_ids.shape)}")
     num_media = cache.media_kv[0][0].shape[2] // self.config.resampler.num_latents \

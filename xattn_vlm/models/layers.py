@@ -107,12 +107,13 @@ class Embed(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis, statistics in float32."""
+  """LayerNorm over the last axis, statistics in float32. ``axes`` names the normalised axis
+  (``kv`` for a per-head norm)."""
 
   def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
-    self.bias = (param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+               dtype=jnp.float32, param_dtype=jnp.float32, axes: Axes = ("embed",)):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), axes, param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (dim,), axes, param_dtype)
                  if use_bias else None)
     self.eps = eps
     self.dtype = dtype
@@ -128,11 +129,12 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis (LLaMA): statistics in float32, scale applied after the cast back."""
+  """RMSNorm over the last axis (LLaMA): statistics in float32, scale applied after the cast back.
+  ``axes`` names the normalised axis (``kv`` for a per-head norm)."""
 
   def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+               param_dtype=jnp.float32, axes: Axes = ("embed",)):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), axes, param_dtype)
     self.eps = eps
     self.dtype = dtype
 
@@ -226,19 +228,49 @@ class MLP(nnx.Module):
     return self.down(self.act(self.up(x)))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the LLaMA / Hugging Face convention (rotate the two halves of head_dim).
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               rotary_dim: int | None = None) -> jax.Array:
+  """Rotary embedding in the LLaMA / Hugging Face convention (rotate the two halves of the
+  rotated part of head_dim).
 
-  x: [B, L, H, Dh]; positions: [B, L] int.
+  x: [B, L, H, Dh]; positions: [B, L] int. ``rotary_dim`` (default Dh): only the first
+  ``rotary_dim`` features of each head rotate, the rest pass through (GPT-NeoX's ``rotary_pct``).
   """
   dh = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
+  rot = dh if rotary_dim is None else rotary_dim
+  if not 0 < rot <= dh or rot % 2:
+    raise ValueError(f"rotary_dim must be even and in (0, {dh}] (the head dim), got {rot}")
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))  # [rot/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, rot/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, rot]
   x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
+  x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+  x_rot = x_rot * jnp.cos(angles) + rotated * jnp.sin(angles)
+  return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> jax.Array:
+  """ALiBi's per-head slopes [H] as MPT defines them: ``m_h = 2^(-bias_max (h+1) / H)`` for a
+  power-of-two H; otherwise the slopes of the next power of two P, odd-indexed ones first, then
+  even-indexed, the first H of them (Hugging Face's ``build_mpt_alibi_tensor``)."""
+  padded = 2 ** math.ceil(math.log2(num_heads))
+  slopes = 2.0 ** (-jnp.arange(1, padded + 1, dtype=jnp.float32) * (bias_max / padded))
+  if padded != num_heads:
+    slopes = jnp.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes
+
+
+def alibi_bias(slopes: jax.Array, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
+  """The additive ALiBi bias ``-m_h * (query_slot - key_slot)``: [H, L, S] float32.
+
+  Slots, not token positions: left padding counts, as in MPT's and Hugging Face's code (their
+  bias ``m_h * (key_slot - last_slot)`` differs from this one by a constant per query row, which
+  the softmax cancels).
+  """
+  distance = (query_slots[:, None] - key_slots[None, :]).astype(jnp.float32)  # [L, S]
+  return -slopes[:, None, None] * distance[None]
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -252,11 +284,13 @@ def heads_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           bias: jax.Array | None = None) -> jax.Array:
   """Softmax attention with grouped-query heads, keys and values heads first.
 
   q: [B, L, H, Dh]; k, v: [B, Hkv, S, Dh] with H a multiple of Hkv; mask: bool, broadcastable to
-  [B, L, S] (True = may attend). Logits and softmax in float32. Returns [B, L, H, Dh].
+  [B, L, S] (True = may attend); bias: float added to the logits, [H, L, S] or [B, H, L, S]
+  (ALiBi). Logits and softmax in float32. Returns [B, L, H, Dh].
 
   XLA's batched matmul wants the batch and head axes leading, so the KV caches are kept heads
   first and a decode step reads them where they lie; in the [B, S, H, Dh] layout every cache was
@@ -280,6 +314,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
   qg = q.reshape(b, l, hkv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * l, dh)
   logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, hkv, g, l, -1)
+  if bias is not None:
+    if bias.ndim not in (3, 4) or bias.shape[-3] != h:
+      raise ValueError(f"attention bias must be [{h}, L, S] or [B, {h}, L, S] ({h} query heads), "
+                       f"got shape {bias.shape}")
+    bias = bias.reshape(bias.shape[:-3] + (hkv, g) + bias.shape[-2:])  # head h = kv * g + group
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
   # The softmax's numerators; its normalisation waits until after the product with the values.

@@ -1,4 +1,4 @@
-"""Decoder-only language models (GPT-2 and the LLaMA family) with an explicit KV cache.
+"""Decoder-only language models (GPT-2, the LLaMA family, MPT, GPT-NeoX) with an explicit KV cache.
 
 The Flamingo composition freezes one of these and inserts gated cross-attention blocks between its
 layers, so the forward pass is split into pieces it can drive: ``embed_tokens`` (token table only),
@@ -7,7 +7,8 @@ layers, so the forward pass is split into pieces it can drive: ``embed_tokens`` 
 Decoding state lives in ``LMCache``, a pytree passed in and returned, never stored on a module.
 Attention is causal over cache *slot order*: the query written at slot ``t`` sees the slots ``<= t``
 that hold real tokens. Positions (for RoPE or GPT-2's table) are always given by the caller, so a
-left-padded prompt keeps the positions it would have unpadded.
+left-padded prompt keeps the positions it would have unpadded. MPT has no positions: its ALiBi bias
+is a function of the slots, padding included, exactly as in its reference code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from flax import struct
 from xattn_vlm.models import layers
 from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.config import LM_FAMILIES
+
+ROPE_FAMILIES = ("llama", "gpt_neox")
 
 
 @struct.dataclass
@@ -58,8 +61,11 @@ def causal_mask(key_valid: jax.Array, index: jax.Array | int, length: int) -> ja
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with grouped-query heads (``num_kv_heads``) and a KV cache.
 
-  GPT-2 has biases on q, k, v and the output when ``attention_bias``; in the LLaMA family it puts
-  biases on q, k, v only (Qwen2) and rotates q and k with RoPE.
+  Biases on q, k, v when ``attention_bias``; on the output too for GPT-2 and GPT-NeoX (the LLaMA
+  family puts them on q, k, v only, as Qwen2). The LLaMA family and GPT-NeoX rotate q and k with
+  RoPE (GPT-NeoX over the first ``rotary_fraction`` of each head); MPT adds its ALiBi bias and,
+  with ``qk_norm``, LayerNorms q and k over their full width before the heads are split
+  (MosaicGPT's ``attn_qk_ln``).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
@@ -70,60 +76,86 @@ class SelfAttention(nnx.Module):
     self.key = layers.Dense(d, (hkv, dh), qkv_axes, use_bias=cfg.attention_bias, **kw)
     self.value = layers.Dense(d, (hkv, dh), qkv_axes, use_bias=cfg.attention_bias, **kw)
     self.out = layers.Dense((h, dh), d, ("heads", "kv", "embed"),
-                            use_bias=cfg.attention_bias and cfg.family == "gpt2", **kw)
-    self.rope_theta = cfg.rope_theta if cfg.family == "llama" else None
+                            use_bias=cfg.attention_bias and cfg.family in ("gpt2", "gpt_neox"),
+                            **kw)
+    self.rope_theta = cfg.rope_theta if cfg.family in ROPE_FAMILIES else None
+    self.rotary_dim = int(dh * cfg.rotary_fraction)
+    norm = dict(eps=cfg.norm_eps, use_bias=False, **kw)
+    self.q_norm = layers.LayerNorm(h * dh, **norm) if cfg.qk_norm else None
+    self.k_norm = layers.LayerNorm(hkv * dh, **norm) if cfg.qk_norm else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
+               bias: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x: [B, L, D]; mask: bool [B, L, S]; kv: this layer's cache (k, v), each [B, Hkv, S, Dh].
+    """x: [B, L, D]; mask: bool [B, L, S]; kv: this layer's cache (k, v), each [B, Hkv, S, Dh];
+    bias: ALiBi's [H, L, S] or None.
 
     Returns the attention output [B, L, D] and the cache with the L new keys/values written at
     slots [index, index + L) (None without a cache).
     """
     q, k, v = self.query(x), self.key(x), self.value(x)  # [B, L, H or Hkv, Dh]
+    if self.q_norm is not None:
+      q = self.q_norm(q.reshape(q.shape[:2] + (-1,))).reshape(q.shape)
+      k = self.k_norm(k.reshape(k.shape[:2] + (-1,))).reshape(k.shape)
     if self.rope_theta is not None:
-      q = layers.apply_rope(q, positions, self.rope_theta)
-      k = layers.apply_rope(k, positions, self.rope_theta)
+      q = layers.apply_rope(q, positions, self.rope_theta, self.rotary_dim)
+      k = layers.apply_rope(k, positions, self.rope_theta, self.rotary_dim)
     k, v = layers.heads_first(k), layers.heads_first(v)
     if kv is not None:
       k_cache, v_cache = kv
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       kv = (k, v)
-    return self.out(layers.attend(q, k, v, mask)), kv
+    return self.out(layers.attend(q, k, v, mask, bias)), kv
 
 
 class DecoderBlock(nnx.Module):
-  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; with
+  ``parallel_residual`` (GPT-NeoX's switch) both read x: ``x + attn(norm1(x)) + mlp(norm2(x))``.
 
-  GPT-2: LayerNorm and a tanh-GELU MLP with biases. LLaMA: RMSNorm and a SwiGLU MLP without biases.
+  Norms: LayerNorm (GPT-2, GPT-NeoX; MPT's without bias) or RMSNorm (LLaMA). MLP: SwiGLU without
+  biases (LLaMA); GELU with biases (GPT-2, GPT-NeoX) or without (MPT).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
-    gpt2 = cfg.family == "gpt2"
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    norm = layers.LayerNorm if gpt2 else layers.RMSNorm
-    self.attn_norm = norm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+    self.attn_norm = make_norm(cfg, **kw)
     self.attn = SelfAttention(cfg, **kw)
-    self.mlp_norm = norm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
-    self.mlp = layers.MLP(cfg.embed_dim, cfg.mlp_dim, act=cfg.activation, gated=not gpt2,
-                          use_bias=gpt2, **kw)
+    self.mlp_norm = make_norm(cfg, **kw)
+    self.mlp = layers.MLP(cfg.embed_dim, cfg.mlp_dim, act=cfg.activation,
+                          gated=cfg.family == "llama", use_bias=cfg.family in ("gpt2", "gpt_neox"),
+                          **kw)
+    self.parallel_residual = cfg.parallel_residual
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
+               bias: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
+    h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index, bias)
+    if self.parallel_residual:
+      return x + h + self.mlp(self.mlp_norm(x)), kv
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), kv
 
 
+def make_norm(cfg: ml_collections.ConfigDict, **kw) -> layers.LayerNorm | layers.RMSNorm:
+  """The family's norm over ``embed_dim``: RMSNorm (LLaMA), LayerNorm without bias (MPT) or with."""
+  if cfg.family == "llama":
+    return layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+  return layers.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, use_bias=cfg.family != "mpt", **kw)
+
+
 class DecoderLM(nnx.Module):
-  """A decoder-only LM selected by ``cfg.family`` (an ``lm_config``): ``gpt2`` or ``llama``.
+  """A decoder-only LM selected by ``cfg.family`` (an ``lm_config``).
 
   ``gpt2``: learned position table, LayerNorm, tanh-GELU MLP, biases, tied head by default.
   ``llama`` (also Mistral and Qwen2): RoPE, RMSNorm, SwiGLU, grouped-query attention, optional
   q/k/v biases, optional tied head.
+  ``mpt``: ALiBi, no positions, no biases (LayerNorm included), exact GELU, tied head, optional
+  full-width q/k LayerNorm.
+  ``gpt_neox``: rotary over ``rotary_fraction`` of each head, LayerNorm and biases everywhere,
+  GELU, optional parallel residual, untied head.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -141,8 +173,8 @@ class DecoderLM(nnx.Module):
     self.position_embed = (layers.Embed(cfg.max_length, cfg.embed_dim, axes=(None, "embed"), **kw)
                            if cfg.family == "gpt2" else None)
     self.blocks = nnx.List([DecoderBlock(cfg, **kw) for _ in range(cfg.num_layers)])
-    norm = layers.LayerNorm if cfg.family == "gpt2" else layers.RMSNorm
-    self.final_norm = norm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
+    self.final_norm = make_norm(cfg, **kw)
+    self.alibi_bias_max = cfg.alibi_bias_max if cfg.family == "mpt" else None
     self.lm_head = (None if cfg.tie_word_embeddings else
                     layers.Dense(cfg.embed_dim, cfg.vocab_size, ("embed", "vocab"),
                                  use_bias=False, **kw))
@@ -162,7 +194,7 @@ class DecoderLM(nnx.Module):
 
     Args:
       x: token embeddings [B, L, D]: ``embed_tokens``, with Flamingo's added-token rows swapped in.
-      positions: int [B, L]; RoPE angles or GPT-2 position-table rows.
+      positions: int [B, L]; RoPE angles or GPT-2 position-table rows (MPT ignores them).
       attention_mask: [B, L], 1 for real tokens and 0 for padding.
       cache: if given, the L tokens are written at slots [cache.index, cache.index + L) and attend
         to everything valid cached before them (prefill: a fresh cache; decode: L = 1). The caller
@@ -193,6 +225,11 @@ class DecoderLM(nnx.Module):
       index = cache.index
       key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid, (0, index))
     mask = causal_mask(key_valid, index, l)  # [B, L, S]
+    bias = None
+    if self.alibi_bias_max is not None:
+      slopes = layers.alibi_slopes(self.cfg.num_heads, self.alibi_bias_max)
+      bias = layers.alibi_bias(slopes, index + jnp.arange(l),
+                               jnp.arange(key_valid.shape[1]))  # [H, L, S]
 
     h = x.astype(self.dtype)
     if self.position_embed is not None:
@@ -203,7 +240,7 @@ class DecoderLM(nnx.Module):
       if before_block is not None:
         h = before_block(i, layers.materialize_gradient(h))
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      h, kv = run_block(block, layers.materialize_gradient(h), positions, mask, kv, index)
+      h, kv = run_block(block, layers.materialize_gradient(h), positions, mask, kv, index, bias)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

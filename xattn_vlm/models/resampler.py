@@ -2,9 +2,9 @@
 
 It turns the variable number of vision features of one medium (an image, or all frames of a video)
 into a fixed set of ``num_latents`` tokens that the gated cross-attention blocks read. Learned
-latents attend to ``concat(media tokens, latents)``; learned frame-time and media-time embeddings
-are the only position information (no spatial encoding, as in the paper). Each medium is resampled
-on its own: no attention crosses media.
+latents attend to ``concat(media tokens, latents)``; learned frame-time and media-time embeddings,
+when the config has them, are the only position information (no spatial encoding, as in the
+paper). Each medium is resampled on its own: no attention crosses media.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def interpolate_frame_embeddings(table: jax.Array, num_frames: int) -> jax.Array
 
 
 class PerceiverAttention(nnx.Module):
-  """Latents attend to ``concat(media tokens, latents)``; q/k/v/out projections have no bias."""
+  """Latents attend to ``concat(media tokens, latents)``; q/k/v/out projections have no bias.
+  ``qk_norm`` LayerNorms each head of the queries and keys (IDEFICS)."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, dtype,
-               param_dtype):
+               param_dtype, qk_norm: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm_media = LayerNorm(width, eps=NORM_EPS, **kw)
     self.norm_latents = LayerNorm(width, eps=NORM_EPS, **kw)
@@ -51,6 +52,16 @@ class PerceiverAttention(nnx.Module):
     self.to_k = Dense(width, heads, ("embed", "heads", "kv"), use_bias=False, **kw)
     self.to_v = Dense(width, heads, ("embed", "heads", "kv"), use_bias=False, **kw)
     self.to_out = Dense(heads, width, ("heads", "kv", "embed"), use_bias=False, **kw)
+    self.q_norm = LayerNorm(head_dim, eps=NORM_EPS, axes=("kv",), **kw) if qk_norm else None
+    self.k_norm = LayerNorm(head_dim, eps=NORM_EPS, axes=("kv",), **kw) if qk_norm else None
+
+  def _keys(self, x: jax.Array) -> jax.Array:
+    k = self.to_k(x)
+    return k if self.k_norm is None else self.k_norm(k)
+
+  def _queries(self, x: jax.Array) -> jax.Array:
+    q = self.to_q(x)
+    return q if self.q_norm is None else self.q_norm(q)
 
   def __call__(self, media: jax.Array, latents: jax.Array,
                media_mask: jax.Array | None) -> jax.Array:
@@ -62,14 +73,14 @@ class PerceiverAttention(nnx.Module):
     media = self.norm_media(media)
     latents = self.norm_latents(latents)
     # Keys and values over concat(media, latents), each part projected on its own.
-    keys = jnp.concatenate([self.to_k(media), per_medium(self.to_k(latents))], axis=1)
+    keys = jnp.concatenate([self._keys(media), per_medium(self._keys(latents))], axis=1)
     values = jnp.concatenate([self.to_v(media), per_medium(self.to_v(latents))], axis=1)
     mask = None
     if media_mask is not None:
       # The latents are always valid keys, so no query row is ever fully masked.
       latent_keys = jnp.ones((m, latents.shape[-2]), bool)
       mask = jnp.concatenate([media_mask, latent_keys], axis=1)[:, None, :]  # [M, 1, S + n]
-    out = dot_product_attention(per_medium(self.to_q(latents)), keys, values, mask)
+    out = dot_product_attention(per_medium(self._queries(latents)), keys, values, mask)
     return self.to_out(out)
 
 
@@ -91,7 +102,7 @@ class PerceiverResamplerLayer(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, width: int, *, rngs: nnx.Rngs, dtype,
                param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attn = PerceiverAttention(width, cfg.num_heads, cfg.head_dim, **kw)
+    self.attn = PerceiverAttention(width, cfg.num_heads, cfg.head_dim, qk_norm=cfg.qk_norm, **kw)
     self.ff = FeedForward(width, cfg.ff_mult, cfg.activation, **kw)
 
   def __call__(self, media: jax.Array, latents: jax.Array,
@@ -123,8 +134,10 @@ class PerceiverResampler(nnx.Module):
     # small so that at initialisation they barely move the (LayerNorm-scale) vision features.
     self.latents = param(rngs, nnx.initializers.normal(1.0), (cfg.num_latents, width),
                          ("latents", "embed"), param_dtype)
-    self.frame_embs = param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_frames, width),
-                            (None, "embed"), param_dtype)
+    # Without ``max_num_frames`` (OpenFlamingo, IDEFICS) nothing tells a video's frames apart:
+    # their tokens form one unordered set of keys.
+    self.frame_embs = (param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_frames, width),
+                             (None, "embed"), param_dtype) if cfg.max_num_frames else None)
     # Without ``max_num_media`` (OpenFlamingo's default) an image's latents do not depend on its
     # slot in the sequence, so prompts may hold more images than training documents did.
     self.media_time_embs = (
@@ -135,7 +148,7 @@ class PerceiverResampler(nnx.Module):
 
   def __call__(self, features: jax.Array, media_mask: jax.Array | None = None) -> jax.Array:
     """features: [B, T, F, P, input_dim], or [B, T, P, input_dim] for images (one frame each:
-    an image is exactly a 1-frame video, frame-time embedding 0 included).
+    an image is exactly a 1-frame video, frame-time embedding 0 included when there is one).
 
     media_mask: optional bool ``[B, T, F]`` (or ``[B, T]``, broadcast over frames), True where a
     frame is real. Tokens of masked frames (padding of shorter videos, or padded media slots) are
@@ -167,8 +180,9 @@ class PerceiverResampler(nnx.Module):
     x = features.astype(self.dtype)
     if self.input_proj is not None:
       x = self.input_proj(x)
-    frame_embs = interpolate_frame_embeddings(self.frame_embs[...], f).astype(self.dtype)
-    x = x + frame_embs[:, None, :]  # [F, 1, D] over [B, T, F, P, D]
+    if self.frame_embs is not None:
+      frame_embs = interpolate_frame_embeddings(self.frame_embs[...], f).astype(self.dtype)
+      x = x + frame_embs[:, None, :]  # [F, 1, D] over [B, T, F, P, D]
     x = x.reshape(b, t, f * p, self.width)  # all frames of one medium form one key sequence
     if self.media_time_embs is not None:
       x = x + self.media_time_embs[:t].astype(self.dtype)[:, None, :]  # [T, 1, D]

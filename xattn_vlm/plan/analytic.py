@@ -30,8 +30,8 @@ def activation_bytes(config: ml_collections.ConfigDict,
   one frozen vision layer's working set (the tower runs under stop_gradient, nothing is kept)."""
   model, act = config.model, jnp.dtype(config.model.dtype).itemsize
   lm, vision, tensor = model.lm, model.vision, mesh_shape["tensor"]
-  blocks = len(flamingo.gated_layer_indices(lm.num_layers, model.xattn.every_n_layers))
-  vocab = lm.vocab_size + model.num_added_tokens
+  blocks = len(flamingo.gated_layers(model))
+  vocab = lm.vocab_size + len(model.added_tokens)
   peak = 0
   for batch in shapes.values():
     b, length = batch["input_ids"]

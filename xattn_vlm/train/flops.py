@@ -61,8 +61,9 @@ def xattn_forward(model: ml_collections.ConfigDict, batch: int, length: int, med
   d, hd = lm.embed_dim, x.num_heads * x.head_dim
   dv = model.resampler.width or model.vision.width
   keys = media * model.resampler.num_latents
-  blocks = len(flamingo.gated_layer_indices(lm.num_layers, x.every_n_layers))
-  per_block = (2 * batch * length * (2 * d * hd + 2 * d * x.ff_mult * d)  # q, out, feed-forward
+  blocks = len(flamingo.gated_layers(model))
+  ffw = (3 if x.gated_ffw else 2) * d * (x.ffw_dim or x.ff_mult * d)
+  per_block = (2 * batch * length * (2 * d * hd + ffw)  # q, out, feed-forward
                + 2 * batch * keys * dv * hd * 2  # media keys and values
                + 4 * batch * length * keys * hd)  # scores and weighted values
   return float(blocks * per_block)

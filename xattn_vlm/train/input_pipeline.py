@@ -59,10 +59,14 @@ def _source(name: str, component: ml_collections.ConfigDict, config: ml_collecti
 
 def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
   """``config.data.tokenizer`` (a local Hugging Face folder) or the shapes-world BPE, checked
-  against the vocabularies it feeds."""
+  against the vocabularies it feeds; for the flamingo stage it gives the model's special-token
+  ids (``Tokenizer.require_model``)."""
+  flamingo = config.stage == "flamingo"
   if config.data.tokenizer:
     tokenizer = Tokenizer.from_pretrained(config.data.tokenizer,
-                                          lm_vocab_size=config.model.lm.vocab_size)
+                                          model_config=config.model if flamingo else None,
+                                          lm_vocab_size=None if flamingo else
+                                          config.model.lm.vocab_size)
   else:
     tokenizer = default_tokenizer()
   vocabularies = [("config.model.lm.vocab_size", config.model.lm.vocab_size)]
@@ -72,9 +76,8 @@ def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
     if size < tokenizer.lm_vocab_size:
       raise ValueError(f"{setting}={size} is smaller than the tokenizer's vocabulary "
                        f"({tokenizer.lm_vocab_size}); set it to at least {tokenizer.lm_vocab_size}")
-  if config.stage == "flamingo":
-    tokenizer.require_model_vocab(config.model.lm.vocab_size, "config.model.lm.vocab_size",
-                                  "in the flamingo stage")
+  if flamingo:
+    tokenizer.require_model(config.model, "in config.model (the flamingo stage)")
   return tokenizer
 
 

@@ -219,10 +219,8 @@ def vision_feature_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def _gate_metrics(config, params) -> dict[str, jax.Array]:
   """tanh of both gates of every gated block, keyed by the LM layer it precedes."""
-  layers = flamingo_lib.gated_layer_indices(config.model.lm.num_layers,
-                                            config.model.xattn.every_n_layers)
   metrics = {}
-  for slot, layer in enumerate(layers):
+  for slot, layer in enumerate(flamingo_lib.gated_layers(config.model)):
     block = params["gated_blocks"][slot]
     metrics[f"gate/attn/layer_{layer:02d}"] = jnp.tanh(block["attn_gate"][...])
     metrics[f"gate/ffw/layer_{layer:02d}"] = jnp.tanh(block["ffw_gate"][...])
