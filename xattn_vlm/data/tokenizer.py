@@ -90,8 +90,12 @@ class Tokenizer:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, lm_vocab_size: int | None = None) -> Tokenizer:
-    """A tokenizer from a local Hugging Face folder (offline). Pass the LM checkpoint's vocabulary
-    size as ``lm_vocab_size`` when it differs from the tokenizer's (padded embeddings)."""
+    """A tokenizer from a local Hugging Face folder (offline), or from a llama.cpp ``.gguf``
+    file (``from_gguf``). Pass the LM checkpoint's vocabulary size as ``lm_vocab_size`` when it
+    differs from the tokenizer's (padded embeddings)."""
+    from xattn_vlm.models import gguf_file  # pylint: disable=import-outside-toplevel
+    if gguf_file.is_gguf(path):
+      return cls.from_gguf(path, lm_vocab_size)
     folder = pathlib.Path(path)
     if not folder.is_dir():
       raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist: pass a local "
@@ -101,6 +105,19 @@ class Tokenizer:
     import transformers  # pylint: disable=import-outside-toplevel
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return cls(hf_tokenizer, lm_vocab_size=lm_vocab_size)
+
+  @classmethod
+  def from_gguf(cls, path: str | os.PathLike, lm_vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer stored in a llama.cpp GGUF file's metadata (``models.gguf_file``), with its
+    EOS and padding tokens, and its BOS only when llama.cpp adds one. ``lm_vocab_size`` defaults
+    to the rows of the file's token table."""
+    # Imported here, as transformers is: the GGUF reader lives with the model loaders, and the
+    # default tokenizer and the data pipelines do not need it.
+    from xattn_vlm.models import gguf_file  # pylint: disable=import-outside-toplevel
+    tokenizer, settings = gguf_file.tokenizer_from_gguf(path)
+    if lm_vocab_size is not None:
+      settings["lm_vocab_size"] = lm_vocab_size
+    return cls(tokenizer, **settings)
 
   def require_model_vocab(self, vocab_size: int, setting: str, where: str) -> None:
     """Fails unless a Flamingo model whose LM vocabulary is ``vocab_size`` (``setting`` names it in

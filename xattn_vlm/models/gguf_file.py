@@ -1,12 +1,13 @@
-"""llama.cpp's GGUF files: the config and weights of a LLaMA-architecture LM.
+"""llama.cpp's GGUF files: the config, weights and tokenizer of a LLaMA-architecture LM.
 
 A GGUF file keeps a model's hyper-parameters and its tokenizer as metadata, and its tensors, often
 block-quantised, under llama.cpp's names and in llama.cpp's layout. ``GGUFFile`` opens one and
 fails there, naming the file, when it is missing, truncated or not GGUF at all. On top of it,
-``lm_config_from_gguf`` reads our ``lm_config``, and ``GGUFCheckpoint`` serves the tensors
-dequantised to float32 under the Hugging Face LLaMA names and layout, so ``convert`` fills a
-``DecoderLM`` from it as from a safetensors folder, one tensor at a time from the memory-mapped
-file. Everything is read with the ``gguf`` package in numpy: no torch, no llama.cpp.
+``lm_config_from_gguf`` reads our ``lm_config``, ``GGUFCheckpoint`` serves the tensors dequantised
+to float32 under the Hugging Face LLaMA names and layout (so ``convert`` fills a ``DecoderLM``
+from it as from a safetensors folder, one tensor at a time from the memory-mapped file), and
+``tokenizer_from_gguf`` rebuilds the tokenizer. Everything is read with the ``gguf`` package in
+numpy: no torch, no llama.cpp.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Iterator
 import gguf
 import ml_collections
 import numpy as np
+import tokenizers
+from tokenizers import decoders, pre_tokenizers
 
 from xattn_vlm.models.config import lm_config
 
@@ -253,3 +256,137 @@ class GGUFCheckpoint:
     elif gguf_name.endswith(".attn_k.weight"):
       value = unpermute_rope_rows(value, self.config.num_kv_heads)
     return value
+
+
+# --- Tokenizers ---------------------------------------------------------------------------------
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+# Byte-level BPE: how text is split into words before merging, by tokenizer.ggml.pre.
+# GPT-2's pattern is the byte-level pre-tokenizer's own; StarCoder (and SmolLM, which reuses its
+# vocabulary) splits off every digit first; LLaMA 3 uses tiktoken's cl100k pattern.
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _gpt2_words():
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _starcoder_words():
+  return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_words()])
+
+
+def _llama3_words():
+  return pre_tokenizers.Sequence([
+      pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_PATTERN), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+BYTE_LEVEL_PRE_TOKENIZERS = {None: _gpt2_words, "gpt2": _gpt2_words,
+                             "starcoder": _starcoder_words, "smollm": _starcoder_words,
+                             "llama-bpe": _llama3_words, "llama3": _llama3_words,
+                             "llama-v3": _llama3_words}
+
+
+def _byte_level_bpe(file: GGUFFile, tokens: list[str]) -> tokenizers.Tokenizer:
+  """``tokenizer.ggml.model = gpt2``: byte-level BPE with the file's merges (GPT-2, LLaMA 3,
+  SmolLM). Tokens are stored in the byte-level alphabet, as in a tokenizer.json."""
+  pre = file.metadata("tokenizer.ggml.pre", None)
+  if pre not in BYTE_LEVEL_PRE_TOKENIZERS:
+    known = sorted(k for k in BYTE_LEVEL_PRE_TOKENIZERS if k)
+    raise NotImplementedError(f"GGUF file {str(file.path)!r} sets tokenizer.ggml.pre={pre!r}; "
+                              f"the byte-level pre-tokenizers supported are {known}")
+  merges = [tuple(merge.split(" ", 1)) for merge in file.metadata("tokenizer.ggml.merges")]
+  vocab = {token: i for i, token in enumerate(tokens)}
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+  tokenizer.pre_tokenizer = BYTE_LEVEL_PRE_TOKENIZERS[pre]()
+  tokenizer.decoder = decoders.ByteLevel()
+  return tokenizer
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float],
+                         token_types: list[int]) -> list[tuple[str, str]]:
+  """BPE merges equivalent to a SentencePiece BPE vocabulary, which stores scores, not merges.
+
+  Every split of a normal piece into two pieces of the vocabulary is a merge, ranked by the
+  merged piece's score (higher first), ties going to the longer left, then the longer right
+  part, then to vocabulary order, as Hugging Face's conversion of SentencePiece models ranks
+  them, so both tokenise alike.
+  """
+  ids = {token: i for i, token in enumerate(tokens)}
+  candidates = []
+  for token, score, kind in zip(tokens, scores, token_types):
+    if kind != _NORMAL:
+      continue
+    splits = [(token[:k], token[k:]) for k in range(1, len(token))
+              if token[:k] in ids and token[k:] in ids]
+    splits.sort(key=lambda pair: (ids[pair[0]], ids[pair[1]]))
+    candidates.extend((score, left, right) for left, right in splits)
+  candidates.sort(key=lambda c: (-c[0], -len(c[1]), -len(c[2])))  # stable: ties keep their order
+  return [(left, right) for _, left, right in candidates]
+
+
+def _sentencepiece_bpe(file: GGUFFile, tokens: list[str],
+                       token_types: list[int]) -> tokenizers.Tokenizer:
+  """``tokenizer.ggml.model = llama``: SentencePiece BPE (LLaMA 1/2, Mistral, TinyLlama): words
+  marked with a leading ``▁`` and a prefix space, unknown characters as ``<0xNN>`` byte tokens."""
+  if file.metadata("tokenizer.ggml.merges", None) is not None:
+    merges = [tuple(merge.split(" ", 1)) for merge in file.metadata("tokenizer.ggml.merges")]
+  else:
+    merges = sentencepiece_merges(tokens, file.metadata("tokenizer.ggml.scores"), token_types)
+  unk_id = file.metadata("tokenizer.ggml.unknown_token_id", None)
+  vocab = {token: i for i, token in enumerate(tokens)}
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab, merges, unk_token=None if unk_id is None else tokens[unk_id], fuse_unk=True,
+      byte_fallback=True))
+  prefix_space = file.metadata("tokenizer.ggml.add_space_prefix", True)
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+      replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False)
+  steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+  if prefix_space:
+    steps.append(decoders.Strip(content=" ", left=1, right=0))
+  tokenizer.decoder = decoders.Sequence(steps)
+  return tokenizer
+
+
+def tokenizer_from_gguf(file: GGUFFile | str | os.PathLike) -> tuple[tokenizers.Tokenizer, dict]:
+  """The tokenizer a GGUF file describes in its ``tokenizer.ggml.*`` metadata.
+
+  Returns a ``tokenizers.Tokenizer`` and the keyword arguments for ``data.Tokenizer`` around it:
+  ``lm_vocab_size`` (the token table's rows, or the token count when the file has no table),
+  ``eos_token``, ``pad_token``, and ``bos_token`` only when the file says llama.cpp adds one
+  (``tokenizer.ggml.add_bos_token``; SentencePiece vocabularies do by default), since the sequence
+  builder prepends whatever BOS the tokenizer has. Control tokens become special tokens and
+  user-defined ones added tokens, so text holding them encodes each to its one id.
+  """
+  file = _as_file(file)
+  kind = file.metadata("tokenizer.ggml.model")
+  tokens = file.metadata("tokenizer.ggml.tokens")
+  token_types = file.metadata("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
+  if kind == "gpt2":
+    tokenizer = _byte_level_bpe(file, tokens)
+  elif kind == "llama":
+    tokenizer = _sentencepiece_bpe(file, tokens, token_types)
+  else:
+    raise NotImplementedError(f"GGUF file {str(file.path)!r} sets tokenizer.ggml.model={kind!r}; "
+                              "supported are 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)")
+  tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, token_types) if k == _CONTROL])
+  tokenizer.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, token_types) if k == _USER_DEFINED])
+
+  def special(key):
+    token_id = file.metadata(f"tokenizer.ggml.{key}", None)
+    if token_id is not None and not 0 <= token_id < len(tokens):
+      raise ValueError(f"GGUF file {str(file.path)!r} sets tokenizer.ggml.{key}={token_id}, "
+                       f"outside its {len(tokens)} tokens")
+    return None if token_id is None else tokens[token_id]
+
+  adds_bos = file.metadata("tokenizer.ggml.add_bos_token", kind == "llama")
+  vocab_size = (file.tensor_shape("token_embd.weight")[0]
+                if "token_embd.weight" in file.tensor_names() else len(tokens))
+  return tokenizer, dict(lm_vocab_size=vocab_size, eos_token=special("eos_token_id"),
+                         bos_token=special("bos_token_id") if adds_bos else None,
+                         pad_token=special("padding_token_id"))
