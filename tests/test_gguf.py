@@ -16,6 +16,7 @@ import tokenizers
 import torch
 import transformers
 from flax import nnx
+from transformers.tokenization_utils_base import generate_merges
 
 from test_train import tiny
 from xattn_vlm.data.tokenizer import Tokenizer
@@ -271,6 +272,17 @@ def _byte_level_vocab(path, pre: str):
   return _write_gguf(path, tokenizer=dict(
       tokenizer_model="gpt2", tokenizer_pre=pre, token_list=tokens,
       token_types=[3] + [1] * (len(tokens) - 1), token_merges=merges, eos_token_id=0))
+
+
+def test_sentencepiece_merges_rank_as_transformers_does():
+  # Equal scores across pieces (ab, bc) and between the splits of one piece (a|bc, ab|c).
+  tokens = ["a", "b", "c", "d", "ab", "bc", "cd", "abc", "bcd", "abcd", "<s>"]
+  scores = [-10.0, -11.0, -12.0, -13.0, -1.0, -1.0, -2.0, -3.0, -3.0, -4.0, 0.0]
+  types = [1] * 10 + [3]
+  reference = generate_merges({t: i for i, t in enumerate(tokens[:10])},
+                              dict(zip(tokens[:10], scores[:10])))
+  assert gguf_file.sentencepiece_merges(tokens, scores, types) == reference
+  assert reference.index(("ab", "c")) < reference.index(("a", "bc"))  # the tie is exercised
 
 
 def test_llama3_pre_tokenizer_matches_transformers(tmp_path):
