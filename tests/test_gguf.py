@@ -20,7 +20,8 @@ from transformers.tokenization_utils_base import generate_merges
 
 from test_train import tiny
 from xattn_vlm.data.tokenizer import Tokenizer
-from xattn_vlm.models import convert, gguf_file
+from xattn_vlm.models import config as model_config
+from xattn_vlm.models import convert, flamingo_from_pretrained, gguf_file
 from xattn_vlm.train import input_pipeline, stages
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -326,6 +327,25 @@ def test_the_flamingo_stage_loads_a_gguf_lm_and_its_tokenizer(tiny_gguf):
   with pytest.raises(ValueError, match=r"does not match GGUF file .*num_heads: config 8, file 4; "
                                        r"head_dim: config 4, file 8"):
     tower.hf_loader(module, tower.path)
+
+
+def test_flamingo_from_pretrained_with_a_gguf_lm_matches_it_at_init(tiny_gguf, tmp_path):
+  path, model = tiny_gguf
+  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+      image_size=16, patch_size=8)).save_pretrained(tmp_path)
+  flamingo, cfg = flamingo_from_pretrained(path, tmp_path, model_config.tiny())
+  tokenizer = Tokenizer.from_gguf(path)
+  ids = tokenizer.encode("the cat sat<image>on the mat<|endofchunk|>")
+  first_image = ids.index(tokenizer.media_token_id)
+  assert cfg.lm.vocab_size == tokenizer.media_token_id and first_image > 1
+  logits = nnx.jit(lambda m, im, i: m(im, i))(flamingo, jnp.ones((1, 1, 1, 16, 16, 3)),
+                                             jnp.asarray([ids]))
+  # Gates start at 0: before the first image the logits are the GGUF LM's.
+  with torch.no_grad():
+    reference = model(torch.tensor([ids[:first_image]])).logits.numpy()
+  np.testing.assert_allclose(np.asarray(logits)[:, :first_image, :cfg.lm.vocab_size], reference,
+                             rtol=1e-5, atol=1e-5)
 
 
 # --- Missing, damaged and unsupported files -------------------------------------------------------
