@@ -393,6 +393,10 @@ def test_unsupported_llama_variants_are_refused(tmp_path):
                      metadata={"llama.expert_count": ("uint32", 8)})
   with pytest.raises(NotImplementedError, match=r"expert_count=8"):
     gguf_file.lm_config_from_gguf(path)
+  path = _write_gguf(tmp_path / "split.gguf", tensors=embed,
+                     metadata={"split.count": ("uint16", 3)})
+  with pytest.raises(NotImplementedError, match=r"first of 3 parts of a split model"):
+    gguf_file.lm_config_from_gguf(path)
   path = _write_gguf(tmp_path / "no_embeddings.gguf")
   with pytest.raises(KeyError, match=r"'token_embd\.weight' not found in GGUF file"):
     gguf_file.lm_config_from_gguf(path)
@@ -400,3 +404,17 @@ def test_unsupported_llama_variants_are_refused(tmp_path):
                      tokenizer=dict(tokenizer_model="t5", token_list=["a", "b"]))
   with pytest.raises(NotImplementedError, match=r"tokenizer\.ggml\.model='t5'"):
     Tokenizer.from_gguf(path)
+
+
+def test_tensors_that_disagree_with_the_metadata_fail_before_loading(tmp_path, tiny_gguf):
+  tensors = _gguf_tensors(tiny_gguf[1])
+  del tensors["blk.1.ffn_down.weight"]
+  tensors["blk.0.attn_k.weight"] = tensors["blk.0.attn_k.weight"][:8]
+  tensors["blk.2.attn_norm.weight"] = np.ones(WIDTH)
+  path = _write_gguf(tmp_path / "odd.gguf", tensors=tensors)
+  with pytest.raises(ValueError, match=(
+      r"'.*odd\.gguf' does not hold the LM its metadata describes: "
+      r"missing \['blk\.1\.ffn_down\.weight'\]; "
+      r"beyond the 2 layers \['blk\.2\.attn_norm\.weight'\]; "
+      r"blk\.0\.attn_k\.weight \(8, 32\) \(expected \(16, 32\)\)$")):
+    convert.load_hf_lm(path)

@@ -175,13 +175,14 @@ def lm_config_from_gguf(file: GGUFFile | str | os.PathLike) -> ml_collections.Co
   experts = _int(file, f"{arch}.expert_count", 0)
   if experts:
     raise unsupported("expert_count", experts, "a dense MLP (0)")
-  vocab_size, width = file.tensor_shape("token_embd.weight")
-  if width != embed_dim:
-    raise ValueError(f"GGUF file {str(file.path)!r}: token_embd.weight has width {width}, but "
-                     f"{arch}.embedding_length is {embed_dim}")
-  return lm_config(
-      family="llama", vocab_size=vocab_size, num_layers=_int(file, f"{arch}.block_count"),
-      embed_dim=embed_dim, num_heads=num_heads,
+  splits = _int(file, "split.count", 1)
+  if splits > 1:
+    raise NotImplementedError(f"GGUF file {str(file.path)!r} is the first of {splits} parts of a "
+                              "split model; merge them into one file first (llama.cpp's "
+                              "gguf-split --merge)")
+  cfg = lm_config(
+      family="llama", vocab_size=file.tensor_shape("token_embd.weight")[0],
+      num_layers=_int(file, f"{arch}.block_count"), embed_dim=embed_dim, num_heads=num_heads,
       num_kv_heads=_int(file, f"{arch}.attention.head_count_kv", num_heads), head_dim=head_dim,
       mlp_dim=_int(file, f"{arch}.feed_forward_length"),
       max_length=_int(file, f"{arch}.context_length"),
@@ -189,6 +190,39 @@ def lm_config_from_gguf(file: GGUFFile | str | os.PathLike) -> ml_collections.Co
       rope_theta=float(file.metadata(f"{arch}.rope.freq_base", 10000.0)),
       tie_word_embeddings="output.weight" not in file.tensor_names(), attention_bias=False,
       activation="silu")
+  _check_tensor_index(file, cfg)
+  return cfg
+
+
+def _expected_shapes(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """llama.cpp's name -> row-major shape of every tensor of the LM ``cfg`` describes."""
+  d, q, kv = cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  block = {"attn_norm": (d,), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d),
+           "attn_output": (d, q), "ffn_norm": (d,), "ffn_gate": (cfg.mlp_dim, d),
+           "ffn_up": (cfg.mlp_dim, d), "ffn_down": (d, cfg.mlp_dim)}
+  shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+  if not cfg.tie_word_embeddings:
+    shapes["output.weight"] = (cfg.vocab_size, d)
+  for i in range(cfg.num_layers):
+    shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in block.items()})
+  return shapes
+
+
+def _check_tensor_index(file: GGUFFile, cfg: ml_collections.ConfigDict) -> None:
+  """Fails unless the file holds exactly the tensors of ``cfg``'s LM in their shapes, so a file
+  whose metadata and tensors disagree fails before any tensor is dequantised."""
+  expected = _expected_shapes(cfg)
+  found = set(file.tensor_names())
+  missing = [name for name in expected if name not in found]
+  extra = sorted(found - set(expected))
+  wrong = [f"{name} {file.tensor_shape(name)} (expected {shape})"
+           for name, shape in expected.items()
+           if name in found and file.tensor_shape(name) != shape]
+  problems = ([f"missing {missing[:6]}"] if missing else []) + (
+      [f"beyond the {cfg.num_layers} layers {extra[:6]}"] if extra else []) + wrong[:6]
+  if problems:
+    raise ValueError(f"GGUF file {str(file.path)!r} does not hold the LM its metadata describes: "
+                     + "; ".join(problems))
 
 
 # Fields that fix what a tensor means; max_length only bounds the positions a model is run at.
