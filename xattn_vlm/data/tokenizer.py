@@ -91,28 +91,38 @@ class Tokenizer:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, lm_vocab_size: int | None = None, *,
                       model_config=None) -> Tokenizer:
-    """A tokenizer from a local Hugging Face folder (offline). Pass the LM checkpoint's vocabulary
-    size as ``lm_vocab_size`` when it differs from the tokenizer's (padded embeddings), or the
-    Flamingo model's config as ``model_config``: its ``lm.vocab_size`` and ``added_tokens`` then
-    set the ids, and the result is checked against the model (``require_model``)."""
+    """A tokenizer from a local Hugging Face folder, or the one a llama.cpp ``.gguf`` file stores
+    in its metadata (``models.gguf_file``: its EOS and padding tokens, its BOS only when llama.cpp
+    adds one); offline. Pass the LM checkpoint's vocabulary size as ``lm_vocab_size`` when it
+    differs from the tokenizer's (padded embeddings), or the Flamingo model's config as
+    ``model_config``: its ``lm.vocab_size`` and ``added_tokens`` then set the ids, and the result
+    is checked against the model (``require_model``)."""
+    added_tokens = ADDED_TOKENS
     if model_config is not None:
       if lm_vocab_size is not None and lm_vocab_size != model_config.lm.vocab_size:
         raise ValueError(f"lm_vocab_size={lm_vocab_size} disagrees with the model config's "
                          f"lm.vocab_size={model_config.lm.vocab_size}: pass one of them")
       lm_vocab_size = model_config.lm.vocab_size
-    folder = pathlib.Path(path)
-    if not folder.is_dir():
-      raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist: pass a local "
-                              "Hugging Face folder holding tokenizer.json or its vocabulary files")
-    # transformers is imported here only: it is slow to import and the default tokenizer and the
-    # data pipelines do not need it.
-    import transformers  # pylint: disable=import-outside-toplevel
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if model_config is None:
-      return cls(hf_tokenizer, lm_vocab_size=lm_vocab_size)
-    tokenizer = cls(hf_tokenizer, lm_vocab_size=lm_vocab_size,
-                    added_tokens=model_config.added_tokens)
-    tokenizer.require_model(model_config)
+      added_tokens = model_config.added_tokens
+    # Imported here: transformers is slow to import, and the GGUF reader lives with the model
+    # loaders; the shapes world's tokenizer and the data pipelines need neither.
+    from xattn_vlm.models import gguf_file  # pylint: disable=import-outside-toplevel
+    if gguf_file.is_gguf(path):
+      wrapped, settings = gguf_file.tokenizer_from_gguf(path)
+    else:
+      folder = pathlib.Path(path)
+      if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer {str(folder)!r} does not exist: pass a local Hugging "
+                                "Face folder holding tokenizer.json or its vocabulary files, or a "
+                                ".gguf file")
+      import transformers  # pylint: disable=import-outside-toplevel
+      wrapped = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+      settings = {}
+    if lm_vocab_size is not None:
+      settings["lm_vocab_size"] = lm_vocab_size
+    tokenizer = cls(wrapped, added_tokens=added_tokens, **settings)
+    if model_config is not None:
+      tokenizer.require_model(model_config)
     return tokenizer
 
   def require_model_vocab(self, vocab_size: int, setting: str, where: str) -> None:

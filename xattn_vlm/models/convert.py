@@ -1,8 +1,9 @@
 """Pretrained weights from local Hugging Face folders (config.json + *.safetensors) into NNX modules.
 
 Safetensors are read directly (no torch at run time), one tensor at a time, from a single
-``model.safetensors`` or from shards listed in ``model.safetensors.index.json``. Every assignment
-checks the shape and names the tensor when it does not fit.
+``model.safetensors`` or from shards listed in ``model.safetensors.index.json``. A decoder LM may
+also come from a llama.cpp ``.gguf`` file (``models.gguf_file``), read the same way through the
+same loader. Every assignment checks the shape and names the tensor when it does not fit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from xattn_vlm.models import gguf_file
 from xattn_vlm.models.config import lm_config, vision_config
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.models.lm import DecoderLM
@@ -419,6 +421,14 @@ def lm_config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
   return _llama_config(hf_config)
 
 
+def read_lm_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Our ``lm_config`` for the decoder LM at ``path``: a local Hugging Face folder (its
+  config.json) or a llama.cpp ``.gguf`` file (its metadata)."""
+  if gguf_file.is_gguf(path):
+    return gguf_file.lm_config_from_gguf(path)
+  return lm_config_from_hf(read_config(path))
+
+
 def _lm_prefix(ckpt: Checkpoint, prefix: str, probe: str, family: str) -> str:
   """``prefix`` if the checkpoint names its base-model tensors with it (``*ForCausalLM``), else ''."""
   for candidate in (prefix, ""):
@@ -576,14 +586,7 @@ def lm_table_names(lm: DecoderLM, ckpt: Checkpoint) -> tuple[str, str | None]:
   return embed_name, None if lm.lm_head is None else head_name
 
 
-def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path) -> None:
-  """Fills ``lm`` in place with the weights of a local Hugging Face decoder-LM folder.
-
-  Tensor names may carry the base-model prefix (``transformer.`` for GPT-2 and MPT, ``model.`` for
-  the LLaMA family, ``gpt_neox.``) or not; a tied head reads no head tensor. ``lm`` may be
-  abstract (from ``nnx.eval_shape``): every parameter then receives its checkpoint value.
-  """
-  ckpt = Checkpoint(path)
+def _load_lm(lm: DecoderLM, ckpt: Checkpoint | gguf_file.GGUFCheckpoint) -> None:
   load_hf_lm_blocks(lm, ckpt)
   load_hf_lm_tables(lm, ckpt)
 
@@ -603,13 +606,36 @@ def unfilled_parameters(model: nnx.Module) -> list[str]:
           if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
 
 
+def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path) -> None:
+  """Fills ``lm`` in place with the weights of a local Hugging Face decoder-LM folder or of a
+  llama.cpp ``.gguf`` file (dequantised to float32, then cast to ``lm``'s parameter dtype).
+
+  Tensor names may carry the base-model prefix (``transformer.`` for GPT-2 and MPT, ``model.`` for
+  the LLaMA family, ``gpt_neox.``) or not; a tied head reads no head tensor. ``lm`` may be abstract (from
+  ``nnx.eval_shape``): every parameter then receives its checkpoint value. A GGUF file's LM must
+  match ``lm.cfg`` (``gguf_file.check_lm_config``) before any tensor is read.
+  """
+  if gguf_file.is_gguf(path):
+    ckpt = gguf_file.GGUFCheckpoint(path)
+    gguf_file.check_lm_config(lm.cfg, ckpt.config, path)
+  else:
+    ckpt = Checkpoint(path)
+  _load_lm(lm, ckpt)
+
+
 def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.float32) -> DecoderLM:
-  """A ``DecoderLM`` built from a local Hugging Face folder's config.json and filled with its
-  weights. It is built abstractly, so no random weights are ever materialised."""
-  cfg = lm_config_from_hf(read_config(path))
+  """A ``DecoderLM`` built from a local Hugging Face folder's config.json, or a llama.cpp
+  ``.gguf`` file's metadata, and filled with its weights. It is built abstractly, so no random
+  weights are ever materialised."""
+  if gguf_file.is_gguf(path):
+    ckpt = gguf_file.GGUFCheckpoint(path)  # opened once: reading a GGUF header takes seconds
+    cfg = ckpt.config
+  else:
+    cfg = lm_config_from_hf(read_config(path))
+    ckpt = Checkpoint(path)
   lm = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
                                         param_dtype=param_dtype))
-  load_hf_lm_weights(lm, path)
+  _load_lm(lm, ckpt)
   unfilled = unfilled_parameters(lm)
   if unfilled:
     raise ValueError(f"checkpoint {str(path)!r} left these parameters unfilled: {unfilled}")
@@ -623,7 +649,8 @@ _VISION_CHOICES = ("feature_layer", "use_post_layernorm", "include_class_token")
 
 def flamingo_from_pretrained(lm_path: str | pathlib.Path, vision_path: str | pathlib.Path,
                              config: ml_collections.ConfigDict, *, seed: int = 0):
-  """A ``Flamingo`` whose LM and vision tower are read from local Hugging Face folders.
+  """A ``Flamingo`` whose LM and vision tower are read from local Hugging Face folders (the LM
+  may also be a llama.cpp ``.gguf`` file).
 
   The towers' shapes come from the folders' config.json (replacing ``config.lm`` and
   ``config.vision``; the choices a checkpoint does not fix — feature layer, post-LayerNorm, class
@@ -631,7 +658,7 @@ def flamingo_from_pretrained(lm_path: str | pathlib.Path, vision_path: str | pat
   freshly initialised from ``seed``. Returns ``(model, config)`` with the config actually used.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  config.lm = lm_config_from_hf(read_config(lm_path))
+  config.lm = read_lm_config(lm_path)
   choices = {k: config.vision[k] for k in _VISION_CHOICES}
   config.vision = vision_config_from_hf(read_config(vision_path),
                                         **read_image_normalisation(vision_path), **choices)
