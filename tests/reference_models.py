@@ -65,11 +65,17 @@ class Reference:
 def import_open_flamingo():
   """open_flamingo's modules, importable without open_clip (its package ``__init__`` imports it
   and open_clip needs torchvision) or wandb (its train_utils import it for logging only)."""
-  for name in ("open_clip", "wandb"):
-    sys.modules.setdefault(name, types.ModuleType(name))
-  # pylint: disable=import-outside-toplevel
-  from open_flamingo.src import flamingo, flamingo_lm, helpers, utils
-  from open_flamingo.train import train_utils
+  stubs = [name for name in ("open_clip", "wandb") if name not in sys.modules]
+  for name in stubs:
+    sys.modules[name] = types.ModuleType(name)
+  try:
+    # pylint: disable=import-outside-toplevel
+    from open_flamingo.src import flamingo, flamingo_lm, helpers, utils
+    from open_flamingo.train import train_utils
+  finally:
+    # Left in place, the stubs would tell transformers these packages are installed.
+    for name in stubs:
+      del sys.modules[name]
   return types.SimpleNamespace(
       Flamingo=flamingo.Flamingo, FlamingoLMMixin=flamingo_lm.FlamingoLMMixin,
       PerceiverResampler=helpers.PerceiverResampler, extend_instance=utils.extend_instance,

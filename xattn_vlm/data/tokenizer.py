@@ -134,24 +134,27 @@ class Tokenizer:
       raise ValueError(f"{setting}={vocab_size} must equal the tokenizer's vocabulary "
                        f"({self.lm_vocab_size}) {where}, where <image> and <|endofchunk|> follow it")
 
-  def require_model(self, config, where: str = "in the model's config") -> None:
+  def require_model(self, config, where: str = "in the model's config",
+                    setting_prefix: str = "") -> None:
     """Fails unless this tokenizer gives a Flamingo model of ``config`` (a model config) the ids
     it reads: its LM vocabulary (``lm.vocab_size``), the ids of its ``added_tokens`` and, for a
-    model with a document-end token (``xattn.document_end_token_id``), that token as EOS."""
-    self.require_model_vocab(config.lm.vocab_size, "lm.vocab_size", where)
+    model with a document-end token (``xattn.document_end_token_id``), that token as EOS. Errors
+    name the settings with ``setting_prefix`` before them (``config.model.`` in a trainer
+    config)."""
+    self.require_model_vocab(config.lm.vocab_size, f"{setting_prefix}lm.vocab_size", where)
     media, eoc = special_tokens.added_token_ids(config.lm.vocab_size, config.added_tokens)
     for name, ours, theirs in ((MEDIA_TOKEN, self.media_token_id, media),
                                (EOC_TOKEN, self.eoc_token_id, eoc)):
       if ours != theirs:
         raise ValueError(f"the tokenizer gives {name} id {ours} but the model reads id {theirs} "
-                         f"(added_tokens={tuple(config.added_tokens)} {where}; the tokenizer's "
-                         f"are {self.added_tokens}): build the tokenizer for the model, "
-                         "Tokenizer.from_pretrained(path, model_config=config)")
+                         f"({setting_prefix}added_tokens={tuple(config.added_tokens)} {where}; "
+                         f"the tokenizer's are {self.added_tokens}): build the tokenizer for the "
+                         "model, Tokenizer.from_pretrained(path, model_config=config)")
     document_end = config.xattn.document_end_token_id
     if document_end is not None and document_end != self.eos_token_id:
-      raise ValueError(f"xattn.document_end_token_id={document_end} {where} must be the "
-                       f"tokenizer's EOS id ({self.eos_token_id}): after it the model sees no "
-                       "image until the next one")
+      raise ValueError(f"{setting_prefix}xattn.document_end_token_id={document_end} {where} must "
+                       f"be the tokenizer's EOS id ({self.eos_token_id}): after it the model sees "
+                       "no image until the next one")
 
   def _vocab(self) -> dict[str, int]:
     if self._raw:

@@ -31,9 +31,8 @@ _INIT_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def init_key(rngs: nnx.Rngs) -> jax.Array:
   """The next initialisation key of ``rngs.params``: fold_in(key, n) for n = 0, 1, 2, ...
 
-  Equivalent to ``rngs.params()`` but the counter is a Python int: under tracing (jitted or
-  abstract init) nnx's own counter update costs time quadratic in the trace length, which made
-  ``nnx.eval_shape`` of a 3B model take half a minute.
+  Equivalent to ``rngs.params()`` but the counter is a Python int: nnx's own counter update costs
+  time quadratic in the trace length under abstract or jitted init (docs/performance.md).
   """
   counter = _INIT_COUNTERS.setdefault(rngs, itertools.count())
   return jax.random.fold_in(rngs.params.key[...], next(counter))
@@ -75,10 +74,8 @@ class Dense(nnx.Module):
     n_in = len(self.in_features)
     if x.shape[x.ndim - n_in:] != self.in_features:
       raise ValueError(f"Dense expects trailing dims {self.in_features}, got input shape {x.shape}")
-    # One 2-D matmul [rows, in] x [in, out]: XLA:CPU's backward of a dot_general over several
-    # leading (batch, length) dims transposes the output gradient into [out, rows] before the
-    # weight-gradient matmul, a strided copy fused into the elementwise producer that cost as much
-    # as the matmuls themselves; in 2-D the weight gradient reads both operands where they lie.
+    # One 2-D matmul: with several leading dims XLA:CPU copies the output gradient transposed
+    # before the weight-gradient matmul (docs/performance.md).
     lead = x.shape[:x.ndim - n_in]
     fan_in, fan_out = math.prod(self.in_features), math.prod(self.out_features)
     y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), fan_in),
@@ -148,16 +145,10 @@ class RMSNorm(nnx.Module):
 def materialize_gradient(x: jax.Array) -> jax.Array:
   """The identity, whose gradient is computed once where it arrives and stored (on CPU).
 
-  Along a residual stream each block adds a term to the gradient, and each block's matmuls read
-  the running sum through a reshape. XLA:CPU fuses cheap elementwise producers into every
-  fusible consumer, so it recomputed the whole sum, from the top of the network down, inside the
-  fusion that feeds each block's matmuls: fusions of up to 158 operands, about 4% of a bench-small
-  train step. Layer loops call this on a block's input to keep every such sum to one block.
-
-  XLA:CPU removes optimization barriers before it fuses, so the gradient passes through a
-  conditional instead, a boundary fusion does not cross, whose branches both return it
-  unchanged. Other platforms fuse differently, and a conditional could cost a device-to-host
-  sync there: they get the gradient as it is.
+  Layer loops call it on a block's input: XLA:CPU otherwise recomputes the residual stream's whole
+  gradient sum inside the fusion feeding each block's matmuls (docs/performance.md). The gradient
+  passes through a conditional, which fusion does not cross (XLA:CPU drops optimization
+  barriers); other platforms get it as it is.
   """
   return x
 
@@ -179,10 +170,8 @@ materialize_gradient.defvjp(_materialize_gradient_fwd, _materialize_gradient_bwd
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt(2))) / 2`` (PyTorch's
-  ``nn.GELU()``, within 1e-6). ``jax.nn.gelu(approximate=False)`` uses ``erfc`` instead, which
-  XLA:CPU evaluates about 3x slower; the two differ by at most 1e-6 (float32 cancellation in
-  ``1 + erf`` for x below about -4)."""
+  """Exact GELU through ``erf``, as PyTorch's ``nn.GELU()``: ``jax.nn.gelu``'s ``erfc`` is
+  slower on XLA:CPU and equal within 1e-6 (docs/performance.md)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
@@ -292,18 +281,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   [B, L, S] (True = may attend); bias: float added to the logits, [H, L, S] or [B, H, L, S]
   (ALiBi). Logits and softmax in float32. Returns [B, L, H, Dh].
 
-  XLA's batched matmul wants the batch and head axes leading, so the KV caches are kept heads
-  first and a decode step reads them where they lie; in the [B, S, H, Dh] layout every cache was
-  transposed (copied whole) at every step. The queries are moved heads first too, the g query
-  heads that share a key/value head stacked along the length: both products are then plain
-  batched matmuls over [B, Hkv], which XLA:CPU runs (forward and backward) about a quarter faster
-  than the einsums over [B, L, Hkv, g, Dh] whose layout it had to choose itself.
-
-  Two changes of order keep XLA:CPU from materialising full-size broadcasts as operands of its
-  matmul fusions (a constant and the softmax denominators, [B, Hkv, g*L, S] each, about 1.5% of a
-  bench-small train step): the queries are scaled by 1/sqrt(Dh) instead of the logits (fused
-  into their transpose for free), and the softmax is normalised after the product with the
-  values, over [.., Dh] instead of [.., S].
+  Keys and values are heads first so a decode step reads the caches where they lie, and the g
+  query heads that share a key/value head are stacked along the length, so both products are
+  plain batched matmuls over [B, Hkv]; the queries are scaled instead of the logits and the
+  softmax is normalised after the product with the values, so no full-size broadcast becomes a
+  matmul operand (each measured in docs/performance.md).
   """
   b, l, h, dh = q.shape
   hkv = k.shape[1]

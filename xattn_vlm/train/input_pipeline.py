@@ -77,7 +77,7 @@ def tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
       raise ValueError(f"{setting}={size} is smaller than the tokenizer's vocabulary "
                        f"({tokenizer.lm_vocab_size}); set it to at least {tokenizer.lm_vocab_size}")
   if flamingo:
-    tokenizer.require_model(config.model, "in config.model (the flamingo stage)")
+    tokenizer.require_model(config.model, "in the flamingo stage", setting_prefix="config.model.")
   return tokenizer
 
 
