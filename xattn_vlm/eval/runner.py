@@ -35,6 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xattn_vlm import lock
 from xattn_vlm.data import images as images_lib
 from xattn_vlm.eval import demos as demos_lib
 from xattn_vlm.eval import fewshot
@@ -285,7 +286,13 @@ class Evaluator:
 
   def run(self) -> dict[str, dict[int, list[float]]]:
     """Every cell, resuming from the prediction logs; returns ``{task: {shots: [trial score]}}``
-    (ImageNet adds an ``imagenet_top5`` row) and writes results.json and results.md."""
+    (ImageNet adds an ``imagenet_top5`` row) and writes results.json and results.md. Holds the
+    output directory's lock throughout (``xattn_vlm.lock``): a second evaluation writing there
+    fails at start, naming the one that holds it."""
+    with lock.hold(self.output_dir, "--output_dir"):
+      return self._run()
+
+  def _run(self) -> dict[str, dict[int, list[float]]]:
     cells = self.cells()
     total = sum(len(self.queries(cell.task.name)) for cell in cells)
     results: dict[str, dict[int, list[float]]] = {}

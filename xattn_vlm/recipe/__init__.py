@@ -27,6 +27,7 @@ import ml_collections
 from flax import nnx
 
 from xattn_vlm import console
+from xattn_vlm import lock
 from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
@@ -64,9 +65,13 @@ def flamingo_model(config: ml_collections.ConfigDict, params: nnx.State) -> Flam
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, evaluates and reports (see the module docstring); returns ``recipe.json``'s
-  content: results, baselines and wall times in seconds."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  content: results, baselines and wall times in seconds. Holds ``workdir``'s lock throughout
+  (``xattn_vlm.lock``), as each stage holds its own folder's."""
+  with lock.hold(workdir, "--workdir"):
+    return _run(config, pathlib.Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   start = time.perf_counter()
   seconds: dict[str, float] = {}
   for stage in STAGES:

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xattn_vlm import checkpoint
 from xattn_vlm import console
+from xattn_vlm import lock
 from xattn_vlm.models import parameters
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import configs
@@ -341,7 +342,13 @@ class _Reporter:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final
-  state. Stops early, with a checkpoint, on SIGTERM/SIGINT."""
+  state. Stops early, with a checkpoint, on SIGTERM/SIGINT. Holds ``workdir``'s lock throughout
+  (``xattn_vlm.lock``): a second run there fails at start, naming the one that holds it."""
+  with lock.hold(workdir, "--workdir"):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   s = setup(config)
   check_batch_sizes(config, sharding_lib.data_parallel_size(s.rules, s.mesh))
   iterator = input_pipeline.create_iterator(config)
