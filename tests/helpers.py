@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import pathlib
+import random
 
 import jax
 import ml_collections
@@ -25,6 +27,17 @@ TESTS = REPO / "tests"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 MESH_222 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 SGD = {"optimizer.name": "sgd", "optimizer.learning_rate": 0.5}
+
+
+SEED_ENV = "XATTN_TEST_SEED"
+
+
+def random_seed(what: str) -> int:
+  """The seed of a test's random choices: ``$XATTN_TEST_SEED`` when set, else a fresh one;
+  printed (pytest shows it with a failure) so that the failing run can be repeated."""
+  seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else random.randrange(2**32)
+  print(f"{what}: seed {seed} (repeat with {SEED_ENV}={seed})")
+  return seed
 
 
 def experiment_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -121,13 +121,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """The preset string after ``:`` in ``--config=file.py:ARG`` as typed settings.
 
   ``"flamingo"`` sets the first default's key (a bare word); ``"stage=flamingo,steps=20"`` sets
-  keys by name. Values take the type of their default; unknown keys are an error.
+  keys by name. Values take the type of their default; unknown keys, values of another type and
+  empty settings (``"flamingo,"``) are errors that quote the preset.
   """
   settings = ml_collections.ConfigDict(defaults)
   if not arg:
     return settings
   first = next(iter(defaults), None)
   for item in arg.split(","):
+    if not item:
+      raise ValueError(f"config preset {arg!r}: an empty setting between commas; expected "
+                       "a bare word or key=value pairs separated by single commas")
     key, sep, value = item.partition("=")
     if not sep:
       if first is None:
@@ -143,7 +147,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ValueError(f"config preset {arg!r}: {key} expects true/false, got {value!r}")
       settings[key] = value.lower() in ("true", "1")
     else:
-      settings[key] = kind(value)
+      try:
+        settings[key] = kind(value)
+      except ValueError:
+        raise ValueError(f"config preset {arg!r}: {key} expects a {kind.__name__} (like its "
+                         f"default, {defaults[key]!r}), got {value!r}") from None
   return settings
 
 
