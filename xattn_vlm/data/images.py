@@ -33,7 +33,12 @@ def _source_name(source) -> str:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-  """RGB; transparent pixels are composited onto white rather than keeping arbitrary colours."""
+  """RGB; transparent pixels are composited onto white rather than keeping arbitrary colours, and
+  16-bit grayscale is scaled to 8 bits (Pillow's own conversion clips it at 255, which turns
+  every pixel above 1/256 of full scale white)."""
+  if image.mode.startswith("I"):  # "I;16", "I;16B", or "I" holding a 16-bit PNG's values
+    values = np.asarray(image, np.float64) / 257
+    image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
   if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -41,12 +46,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | bytes) -> Image.Image:
+def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
   """Decode an image file or encoded bytes into an RGB PIL image (EXIF orientation applied).
 
-  Raises ``ImageError`` when the content is truncated or not an image. A file that cannot be
-  opened raises the usual ``OSError`` (``FileNotFoundError``...): a missing file is a different
-  problem from a corrupt one, and pipelines count the two separately.
+  Raises ``ImageError`` when the content is truncated, not an image, or so large that Pillow
+  takes it for a decompression bomb; its message names ``name`` (default: the path, or the
+  number of bytes). A file that cannot be opened raises the usual ``OSError``
+  (``FileNotFoundError``...): a missing file is a different problem from a corrupt one, and
+  pipelines count the two separately.
   """
   if isinstance(source, (bytes, bytearray, memoryview)):
     stream = io.BytesIO(bytes(source))
@@ -60,7 +67,20 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-      raise ImageError(f"cannot decode image from {_source_name(source)}: {error}") from error
+      raise ImageError(f"cannot decode image from {name or _source_name(source)}: "
+                       f"{error}") from error
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+  """Raises ``ImageError`` unless ``path``'s header is an image Pillow decodes, of a size it
+  accepts: a cheap check (no pixels are read) for sources that list many files up front. A file
+  damaged after its header passes, and fails when it is decoded."""
+  try:
+    Image.open(path).close()  # opening parses the header and runs the size check
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+    raise ImageError(f"cannot decode image from {_source_name(path)}: {error}") from error
 
 
 def _as_pil(image) -> Image.Image:

@@ -108,7 +108,7 @@ class ImageRef:
     """Decodes the image to RGB; raises ``images.ImageError`` (corrupt) or ``OSError`` (missing)."""
     if self.array is not None:
       return PIL.Image.fromarray(np.asarray(self.array, np.uint8)).convert("RGB")
-    return images.load_image(self.path if self.path is not None else self.data)
+    return images.load_image(self.path if self.path is not None else self.data, name=self.key)
 
 
 class RecordSource(Sequence):
@@ -235,18 +235,24 @@ class WebDatasetTars(RecordSource):
 
   def _index_shard(self, shard_index: int, shard: str) -> None:
     groups: dict[str, dict[str, tuple[int, int, str]]] = collections.OrderedDict()
+    cut: dict[str, str] = {}  # key -> its member that ends past the end of the shard
+    shard_size = os.path.getsize(shard)
     try:
       with tarfile.open(shard, mode="r:") as tar:
         for member in tar:
           if member.isfile():
             key, suffix = _pair_key(member.name)
             groups.setdefault(key, {})[suffix] = (member.offset_data, member.size, member.name)
+            if member.offset_data + member.size > shard_size:
+              cut[key] = member.name
     except tarfile.TarError as e:
       self._skip("corrupt shard", f"{shard}: {e} (records indexed before the damage are kept)")
     for key, members in groups.items():
       image = next((members[s] for s in IMAGE_EXTENSIONS if s in members), None)
       text_suffix = next((s for s in (".txt", ".json") if s in members), None)
-      if image is None:
+      if key in cut:  # a shard cut short (a copy or a writer that died): reads return a prefix
+        self._skip("truncated member", f"{shard}::{cut[key]} ends past the end of the shard")
+      elif image is None:
         self._skip("missing image", f"{shard}: {key} has no image member")
       elif text_suffix is None:
         self._skip("missing text", f"{shard}: {key} has no .txt or .json member")
@@ -408,13 +414,19 @@ def _load_json(path: pathlib.Path, argument: str) -> Any:
 
 
 class _BenchmarkSource(RecordSource):
-  """A benchmark whose records are all parsed at construction; images must exist on disk."""
+  """A benchmark whose records are all parsed at construction; a record is kept when its image
+  exists and its header is an image (``images.check_image_file``, no pixels read), else skipped
+  and counted with the file's name."""
 
   def _add(self, record: dict[str, Any]) -> None:
-    if os.path.exists(record["image"]):
-      self._entries.append(record)
-    else:
+    try:
+      images.check_image_file(record["image"])
+    except FileNotFoundError:
       self._skip("missing image", f"record {record['id']}: {record['image']} does not exist")
+    except images.ImageError as e:
+      self._skip("corrupt image", f"record {record['id']}: {e}")
+    else:
+      self._entries.append(record)
 
 
 class KarpathyCaptions(_BenchmarkSource):
