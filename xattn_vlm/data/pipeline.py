@@ -17,6 +17,10 @@ in ``iterator.skipped`` (reason -> count, logged) and fills the batch from the n
 same host's stream. Hosts thus stay in lockstep (one batch per step each) and disjoint; only
 with skips does a host's batch reach past its rows of that global batch.
 
+**Workers.** A worker process that dies (SIGKILL, the out-of-memory killer) ends ``next`` with
+``DataWorkerError`` naming the dataset and the signal; the trainer then stops without saving
+(its other datasets may already have moved on), and a rerun resumes from the newest checkpoint.
+
 **Mixtures.** ``mixture_iterator`` yields, every step, ONE batch per dataset, ``{name: batch}``,
 each with its own batch size (e.g. LAION twice MMC4, as OpenFlamingo), and carries each dataset's
 loss weight ``lambda_m`` in ``iterator.weights``. The trainer computes ``loss_m`` per batch and
@@ -42,6 +46,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
+import signal
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,6 +67,22 @@ Transform = Callable[[dict[str, Any]], Example]
 
 # Errors that mean "this record is bad", not "the code is wrong": skipped and counted.
 SKIPPED_ERRORS = (sources.BadRecordError, images.ImageError, OSError)
+
+
+class DataWorkerError(ChildProcessError):
+  """A grain worker process died (killed, or out of memory): the run cannot go on without the
+  records it held, and the message names the dataset and how the worker ended."""
+
+
+def _worker_died(name: str, error: RuntimeError) -> DataWorkerError:
+  code = re.search(r"exit code (-?\d+)", str(error))
+  how = f"exit code {code.group(1)}" if code else "no exit code"
+  if code and int(code.group(1)) < 0:
+    how += f", {signal.Signals(-int(code.group(1))).name}"
+  return DataWorkerError(
+      f"dataset {name!r}: a data worker process (config.data.num_workers) died ({how}; SIGKILL "
+      "is often the kernel's out-of-memory killer). The checkpoints are intact: rerun the same "
+      "command to resume from the newest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +257,12 @@ class BatchIterator(grain.DatasetIterator):
     self._assert_not_closed()
     examples = []
     while len(examples) < self.local_batch:
-      element = next(self._iterator)
+      try:
+        element = next(self._iterator)
+      except RuntimeError as error:  # grain's report of a worker that is gone
+        if "terminated unexpectedly" not in str(error):
+          raise
+        raise _worker_died(self.name, error) from error
       self._next_index += 1
       if isinstance(element, Skipped):
         sources.skip(self.skipped, self.name, element.reason, element.detail)

@@ -10,8 +10,9 @@ whose checkpoints were written for a different model fails instead, before anyth
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import jax
@@ -26,8 +27,20 @@ _log = logging.getLogger(__name__)
 CORRUPT = "checkpoints_corrupt"
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount); the message names the workdir
+  and the newest complete step, which a rerun resumes from."""
+
+
 class Checkpointer:
-  """The run's CheckpointManager with corrupt-step fallback (see the module docstring)."""
+  """The run's CheckpointManager with corrupt-step fallback (see the module docstring).
+
+  A save that fails (``OSError``, e.g. no space left: raised by the save or by the next call that
+  waits for an asynchronous one) leaves the earlier steps as they were, since Orbax writes a
+  step into a temporary directory and renames it when complete; it raises
+  ``CheckpointSaveError`` once, and the calls that follow (``wait``, ``close`` on the way out)
+  only log the same failure instead of hiding the first report.
+  """
 
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
     if cfg.every_steps < 1 or cfg.keep < 1:
@@ -40,6 +53,7 @@ class Checkpointer:
         keep_period=cfg.keep_period or None, enable_async_checkpointing=cfg.async_save,
         create=True, cleanup_tmp_directories=True)
     self.manager = self._open()
+    self._save_failed = False
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=self._options)
@@ -50,10 +64,28 @@ class Checkpointer:
     whether it did."""
     if step % self.every_steps and not force:
       return False
-    return self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(iterator),
-        config=ocp.args.JsonSave(config_json(config))))
+    with self._saving():
+      return self.manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(iterator),
+          config=ocp.args.JsonSave(config_json(config))))
+
+  @contextlib.contextmanager
+  def _saving(self) -> Iterator[None]:
+    """Turns the first failed write into ``CheckpointSaveError``; later ones are only logged."""
+    try:
+      yield
+    except OSError as error:
+      if self._save_failed:
+        _log.warning("checkpoint writes in %s still fail: %s", self.workdir, error)
+        return
+      self._save_failed = True
+      steps = self.manager.all_steps(read=True)
+      resume = (f"the newest complete checkpoint, step {steps[-1]}, is intact and a rerun "
+                f"resumes from it" if steps else "no checkpoint is complete yet")
+      raise CheckpointSaveError(
+          f"--workdir={self.workdir}: writing a checkpoint failed ({error}); {resume}. Free "
+          "space there (or fix the mount) and rerun the same command") from error
 
   def saved_config(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(
@@ -112,7 +144,9 @@ class Checkpointer:
     self.manager = self._open()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._saving():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    with self._saving():
+      self.manager.close()

@@ -396,10 +396,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       checkpointer.save(step, state, iterator, config, force=True)
   finally:
     guard.close()
-    checkpointer.wait()
-    checkpointer.close()
-    reporter.close()
-    iterator.close()
+    try:
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
+      reporter.close()
+      iterator.close()
   if config.plots and jax.process_index() == 0 and pending is not None:
     metrics_lib.plot(workdir)
   if step > first_step:
