@@ -206,14 +206,30 @@ def _decode_all(model, images, ids, mask, prompt_len):
   return jnp.concatenate(steps, axis=1), cache
 
 
-def test_prefill_and_decode_reproduce_full_forward(open_model):
+_MODELS = {}
+
+
+def _model_attending(immediate: bool) -> Flamingo:
+  """A model with open gates whose tokens attend to their immediate image only, or to all
+  previous ones (``xattn.only_attend_immediate_media``)."""
+  if immediate not in _MODELS:
+    config = model_config.tiny()
+    config.xattn.only_attend_immediate_media = immediate
+    _MODELS[immediate] = Flamingo(config, rngs=nnx.Rngs(1))
+    _open_gates(_MODELS[immediate])
+  return _MODELS[immediate]
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_prefill_and_decode_reproduce_full_forward(immediate):
+  model = _model_attending(immediate)
   images = _images(3)
   # Three images in the prompt, then text; sample 1 is left padded by two tokens.
   ids = jnp.concatenate([IDS, jnp.array([[20, 21, 22, 23, 24]] * 2)], axis=1).at[1, :2].set(0)
   mask = jnp.ones_like(ids).at[1, :2].set(0)
-  full = open_model(images, ids, mask)
+  full = model(images, ids, mask)
   prompt_len = IDS.shape[1]
-  decoded, cache = _decode_all(open_model, images, ids, mask, prompt_len)
+  decoded, cache = _decode_all(model, images, ids, mask, prompt_len)
   real = np.asarray(mask, bool)
   np.testing.assert_allclose(np.asarray(decoded)[real], np.asarray(full)[real], rtol=1e-5,
                              atol=1e-5)
@@ -233,16 +249,22 @@ def test_decoding_after_a_document_end_sees_no_image():
   np.testing.assert_array_equal(np.asarray(cache.media_index), [0, 1])
 
 
-def test_decode_tokens_attend_to_last_prompt_image(open_model):
-  """A decoded token's cross-attention sees the prompt's last image and no other."""
+@pytest.mark.parametrize("immediate", [True, False])
+def test_decode_tokens_attend_to_the_images_the_setting_allows(immediate):
+  """A decoded token's logits, with the prompt's self-attention cache held fixed and one image's
+  keys and values perturbed: the prompt's last image always changes them; an earlier one only
+  when tokens attend to all previous images."""
+  model = _model_attending(immediate)
   images = _images(4)
-  prompt = IDS[:, :8]  # sample 0 has 2 images, sample 1 has 2
-  _, cache = open_model.prefill(images, prompt, max_length=10)
-  mask = open_model._xattn_mask(cache.media_index[:, None], T)
-  n = CFG.resampler.num_latents
-  expected = np.zeros((2, 1, T * n), bool)
-  expected[:, :, n:2 * n] = True
-  np.testing.assert_array_equal(np.asarray(mask), expected)
+  prompt = IDS[:, :8]  # both samples hold 2 images
+  _, cache = model.prefill(images, prompt, max_length=10)
+  next_token = jnp.full((2, 1), 30)
+  base, _ = model.decode_step(next_token, cache)
+  for image, seen in ((0, not immediate), (1, True), (2, False)):
+    _, other = model.prefill(images.at[:, image].add(1.0), prompt, max_length=10)
+    logits, _ = model.decode_step(next_token, cache.replace(media_kv=other.media_kv))
+    changed = np.abs(np.asarray(logits - base)).max(axis=(1, 2)) > 1e-6
+    np.testing.assert_array_equal(changed, [seen, seen], err_msg=f"image {image}")
 
 
 def test_frozen_means_frozen():
@@ -278,14 +300,23 @@ def test_frozen_means_frozen():
   assert opt_paths == trainable_paths
 
 
-def test_video_one_frame_equals_image_and_more_frames_interpolate(model):
-  images = _images(6)
-  as_image = model(images[:, :, 0], IDS)
-  as_video = model(images, IDS)
-  np.testing.assert_array_equal(np.asarray(as_image), np.asarray(as_video))
-  frames = CFG.resampler.max_num_frames + 2
-  video = _images(7, frames=frames)
-  assert np.isfinite(np.asarray(model(video, IDS))).all()
+def test_video_frames_are_read_in_order(open_model):
+  """Every frame of a video reaches the tokens after its <image>, and with a frame table the
+  frames' order matters; more frames than the table holds interpolate it."""
+  assert open_model.resampler.frame_embs is not None
+  frames = CFG.resampler.max_num_frames
+  video = _images(6, frames=frames)
+  base = np.asarray(open_model(video, IDS))
+  for frame in range(frames):
+    bumped = np.asarray(open_model(video.at[:, 0, frame].add(1.0), IDS))
+    changed = np.abs(bumped - base).max(-1) > 1e-6
+    np.testing.assert_array_equal(changed[0], np.arange(IDS.shape[1]) >= 2)
+  reversed_frames = np.asarray(open_model(video[:, :, ::-1], IDS))
+  assert np.abs(reversed_frames - base).max() > 1e-6
+  longer = _images(7, frames=frames + 2)
+  out = np.asarray(open_model(longer, IDS))
+  assert np.isfinite(out).all()
+  assert np.abs(out - np.asarray(open_model(longer[:, :, :frames], IDS))).max() > 1e-6
 
 
 def test_vision_features_skip_the_tower(open_model):
@@ -324,3 +355,19 @@ def test_every_preset_eval_shape_and_trainable_split(name):
   assert counts["trainable"] == (counts["resampler"] + counts["gated_blocks"] + counts["added"])
   assert counts["frozen"] == counts["lm"] + counts["vision"]
   assert counts["trainable"] > 0 and counts["frozen"] > counts["gated_blocks"]
+
+
+@pytest.mark.parametrize("name, num_layers, gated", [
+    ("flamingo_3b", 24, list(range(24))),            # a gated block before every layer
+    ("flamingo_9b", 40, list(range(3, 40, 4))),      # every 4th
+    ("flamingo_80b", 80, list(range(6, 80, 7))),     # every 7th
+])
+def test_paper_presets_have_the_papers_resampler_and_gated_block_spacing(name, num_layers, gated):
+  """Flamingo (Alayrac et al. 2022, appendix B): a 6-layer resampler with 64 latents, and gated
+  cross-attention every 1st, 4th and 7th LM layer in the 3B, 9B and 80B models."""
+  config = model_config.get_model_config(name)
+  model = nnx.eval_shape(lambda: Flamingo(config, rngs=nnx.Rngs(0)))
+  assert config.lm.num_layers == num_layers
+  assert len(model.resampler.layers) == 6
+  assert model.resampler.latents.shape == (64, config.resampler.width)
+  assert list(model.gated_layers) == gated and len(model.gated_blocks) == len(gated)
