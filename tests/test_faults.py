@@ -73,11 +73,31 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_naming_the_workdir(
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
 
 
-def _workers(process: subprocess.Popen) -> list[int]:
-  """The pids of the grain worker processes of ``process``."""
-  found = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(process.pid)],
-                         capture_output=True, text=True, check=True).stdout
-  return [int(line.split()[0]) for line in found.splitlines() if "spawn_main" in line]
+def _workers(process: subprocess.Popen, timeout: float = 120) -> list[int]:
+  """The pids of the grain worker processes among ``process``'s descendants (spawned children
+  running ``spawn_main``), waiting until there are some."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+      try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+      except OSError:
+        continue
+      children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [process.pid]
+    while todo:
+      for child in children.get(todo.pop(), []):
+        todo.append(child)
+        try:
+          if b"spawn_main" in (pathlib.Path("/proc") / str(child) / "cmdline").read_bytes():
+            found.append(child)
+        except OSError:
+          continue
+    if found:
+      return found
+    time.sleep(0.5)
+  pytest.fail(f"no data worker among the descendants of {process.pid} within {timeout} s")
 
 
 @pytest.mark.slow

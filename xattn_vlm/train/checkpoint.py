@@ -58,11 +58,14 @@ class Checkpointer:
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=self._options)
 
+  def due(self, step: int) -> bool:
+    """Whether ``save`` saves ``step`` without ``force``."""
+    return step % self.every_steps == 0
+
   def save(self, step: int, state, iterator, config: ml_collections.ConfigDict, *,
            force: bool = False) -> bool:
-    """Starts saving ``step`` when it is a multiple of ``every_steps`` (or ``force``); returns
-    whether it did."""
-    if step % self.every_steps and not force:
+    """Starts saving ``step`` when it is ``due`` (or ``force``); returns whether it did."""
+    if not (self.due(step) or force):
       return False
     with self._saving():
       return self.manager.save(step, force=True, args=ocp.args.Composite(

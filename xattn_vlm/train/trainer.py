@@ -386,6 +386,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       if pending is not None:
         reporter.report(*pending, last=False)
       pending = (step, metrics)
+      if checkpointer.due(step):  # the step's metrics row first: a kill after its save keeps both
+        reporter.report(*pending, last=True)
+        pending = None
       if checkpointer.save(step, state, iterator, config):
         saved_step = step
       if guard.requested(step, checkpointer.manager):
@@ -402,7 +405,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       checkpointer.close()
       reporter.close()
       iterator.close()
-  if config.plots and jax.process_index() == 0 and pending is not None:
+  if config.plots and jax.process_index() == 0 and step > first_step:
     metrics_lib.plot(workdir)
   if step > first_step:
     how = "stopped by " + signal.Signals(guard.signal).name if guard.signal else "done"
