@@ -139,6 +139,31 @@ def test_processor_unreadable_image_names_the_prompt(processor, tmp_path):
 # -- generation --------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def all_media_split(config):
+  """The model attending to every earlier image (``only_attend_immediate_media=False``), gates
+  open: decoding then keeps every image's keys and values instead of the last one's."""
+  cfg = model_config.tiny()
+  cfg.lm.vocab_size = config.lm.vocab_size
+  cfg.xattn.only_attend_immediate_media = False
+  m = nnx.jit(lambda: Flamingo(cfg, rngs=nnx.Rngs(0)))()
+  for block in m.gated_blocks:
+    block.attn_gate[...] = jnp.asarray(1.0)
+    block.ffw_gate[...] = jnp.asarray(1.0)
+  return InferenceModel(m)
+
+
+def test_attending_to_all_media_generates_as_the_full_forward(all_media_split, split, batch,
+                                                              tokenizer, greedy):
+  cached = jax.device_get(generate_tokens(all_media_split, batch, _config(tokenizer)))
+  full = jax.device_get(generate_tokens(all_media_split, batch,
+                                        _config(tokenizer, use_cache=False)))
+  np.testing.assert_array_equal(cached.tokens, full.tokens)
+  np.testing.assert_allclose(cached.log_probs, full.log_probs, atol=1e-4)
+  # The same weights attending to the last image only decode differently on multi-image prompts.
+  assert not np.allclose(cached.log_probs[2], greedy.log_probs[2], atol=1e-3)
+
+
 def test_cached_generation_equals_recomputed_generation(split, batch, tokenizer, greedy):
   """Prefill + decode steps (LM KV cache, cross-attention keys/values computed once) pick the same
   tokens as running the full forward over the prompt and the tokens so far at every step."""
@@ -250,6 +275,49 @@ def test_top_k_and_top_p_filters():
   assert kept(decoding.filter_logits(logits, 0, 0.5)) == [True, False, False, False]
   assert kept(decoding.filter_logits(logits, 0, 0.6)) == [True, True, True, False]
   assert kept(decoding.filter_logits(logits, 1, 0.99)) == [True, False, False, False]
+
+
+def test_sampling_with_top_k_1_is_greedy(split, batch, tokenizer, greedy):
+  sampled = jax.device_get(generate_tokens(split, batch, _config(tokenizer, do_sample=True,
+                                                                  top_k=1), rng=3))
+  np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
+
+
+def test_sampling_is_seeded_and_reports_the_models_log_probs(split, batch, tokenizer):
+  """Same seed, same tokens; another seed, other tokens; cached and recomputed sampling agree;
+  each token's reported log-prob is the model's own, before temperature and filtering."""
+  cfg = _config(tokenizer, do_sample=True, temperature=2.0)
+  first = jax.device_get(generate_tokens(split, batch, cfg, rng=7))
+  again = jax.device_get(generate_tokens(split, batch, cfg, rng=7))
+  other = jax.device_get(generate_tokens(split, batch, cfg, rng=8))
+  recomputed = jax.device_get(generate_tokens(
+      split, batch, _config(tokenizer, do_sample=True, temperature=2.0, use_cache=False), rng=7))
+  np.testing.assert_array_equal(first.tokens, again.tokens)
+  np.testing.assert_array_equal(first.tokens, recomputed.tokens)
+  assert not np.array_equal(first.tokens, other.tokens)
+  logits = split.graph.merge(split.params)(batch.images, batch.input_ids, batch.attention_mask)
+  expected = jax.nn.log_softmax(logits[:, -1])[np.arange(3), first.tokens[:, 0]]
+  np.testing.assert_allclose(first.log_probs[:, 0], expected, atol=1e-5)
+
+
+def test_sampled_first_tokens_follow_the_filtered_distribution(split, processor, tokenizer):
+  """512 copies of one prompt, temperature 2 and top-k 4: every first token is among the 4 most
+  likely, with the frequencies of softmax(logits / 2) renormalised over them (chi-square at
+  p = 0.001, 3 degrees of freedom)."""
+  copies = processor([PROMPTS[1]] * 512, pad_to_length=LENGTH, max_images=SLOTS)
+  out = jax.device_get(generate_tokens(split, copies, _config(tokenizer, do_sample=True,
+                                                               temperature=2.0, top_k=4), rng=0))
+  logits = split.graph.merge(split.params)(copies.images[:1], copies.input_ids[:1],
+                                           copies.attention_mask[:1])[0, -1]
+  logits = np.asarray(logits, np.float64) / 2.0
+  logits[tokenizer.media_token_id] = -np.inf
+  top = np.argsort(-logits)[:4]
+  probs = np.exp(logits[top] - logits[top].max())
+  probs /= probs.sum()
+  counts = np.array([(out.tokens[:, 0] == t).sum() for t in top])
+  assert counts.sum() == 512
+  expected = 512 * probs
+  assert ((counts - expected) ** 2 / expected).sum() < 16.27
 
 
 def test_generation_config_errors_name_the_argument():

@@ -280,6 +280,30 @@ def test_token_loss_has_a_safe_denominator():
   np.testing.assert_allclose(stages.next_token_loss_sum(logits, labels), expected, rtol=1e-6)
 
 
+def test_a_batch_without_supervised_tokens_through_the_trainers_step():
+  """The trainer's own jitted update on batches whose every label is ignored: loss 0, gradient 0,
+  nothing NaN, the step counted as taken (not skipped) and, under SGD, parameters unchanged."""
+  config = tiny(**{"mesh.data": 1}, **SGD)
+  s = trainer.setup(config)
+  state = trainer.create_train_state(s)
+  before = leaves(state.params)
+  iterator = input_pipeline.create_iterator(config, process_index=0, process_count=1)
+  local = {name: dict(batch, labels=np.full_like(batch["labels"], IGNORE_INDEX))
+           for name, batch in next(iterator).items()}
+  iterator.close()
+  spec = sharding_lib.batch_spec(s.rules, s.mesh)
+  batches = sharding_lib.global_batch(local, s.mesh, spec)
+  weights = {name: dataset.weight for name, dataset in config.data.datasets.items()}
+  step = trainer.jit_train_step(s, weights, jax.tree.map(lambda x: x.sharding, batches))
+  state, metrics = step(state, batches)
+  metrics = jax.device_get(metrics)
+  assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
+  assert int(metrics["skipped"]) == 0 and int(state.step) == 1
+  after = leaves(state.params)
+  for name, value in before.items():
+    np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
 def test_info_nce_is_symmetric_and_low_for_matching_pairs():
   emb = jnp.eye(4)
   matched = stages.info_nce(emb, emb, jnp.float32(10.0))

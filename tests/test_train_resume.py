@@ -83,7 +83,8 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path):
     elapsed = time.monotonic() - sent
     assert returncode == 0, log.read_text()[-3000:]
     print(f"saved and exited {elapsed:.1f} s after {sig.name}")
-    assert elapsed < 30, f"took {elapsed:.1f} s to save and exit after {sig.name}"  # CI: ~10 s
+    # About 10 s on an idle 2-core machine; generous, as CI machines are shared.
+    assert elapsed < 60, f"took {elapsed:.1f} s to save and exit after {sig.name}"
     assert f"stopped by {sig.name}" in log.read_text(), log.read_text()[-3000:]
     last_step = json.loads(_rows(workdir)[-1])["step"]  # this run's last step
     assert len(_rows(workdir)) > rows_before and last_step < STEPS
