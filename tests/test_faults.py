@@ -15,11 +15,14 @@ import subprocess
 import sys
 import time
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from helpers import leaves, random_seed, tiny
 from test_train_resume import ENV, REPO, _checkpoint_steps, _rows, _wait_for_rows
+from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import metrics as metrics_lib
 from xattn_vlm.train import trainer
 
@@ -141,3 +144,42 @@ def test_a_dead_data_worker_stops_the_run_and_a_killed_run_resumes_exactly(tmp_p
   resumed = trainer.train(tiny(**OVERRIDES), str(workdir))  # restores, no steps
   _assert_same_params(resumed, reference)
   assert [r["step"] for r in metrics_lib.read_metrics(str(workdir))] == list(range(1, STEPS + 1))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB tmpfs mounted at a fresh directory: a disk that really fills up. Mounting needs root
+  on Linux (CI's container has it); elsewhere the test says why it cannot run."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if sys.platform != "linux" or os.geteuid() != 0:
+    pytest.skip("mounting a small tmpfs needs root on Linux")
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_is_reported_as_a_failed_checkpoint_write(small_disk):
+  """Orbax's array writes go through tensorstore, which reports a full disk as a ValueError
+  (RESOURCE_EXHAUSTED, os_error_code 28), not an OSError: it must still become
+  CheckpointSaveError, and the step saved before must stay restorable."""
+  config = tiny(**{"checkpoint.async_save": False})
+  checkpointer = checkpoint_lib.Checkpointer(str(small_disk), config.checkpoint)
+  rng = np.random.default_rng(0)
+  iterator = grain.MapDataset.range(4).to_iter_dataset().__iter__()
+  saved = {}  # 400 kB each (incompressible) on a 1 MiB disk: the third cannot fit
+  with pytest.raises(checkpoint_lib.CheckpointSaveError) as failure:
+    for step in range(1, 5):
+      state = {"w": rng.random(100_000, dtype=np.float32)}
+      checkpointer.save(step, state, iterator, config, force=True)
+      checkpointer.manager.wait_until_finished()
+      saved[step] = state
+  newest = max(saved)
+  assert 1 <= newest < 4
+  assert str(failure.value).startswith(f"--workdir={small_disk}: writing a checkpoint failed ")
+  assert "No space left on device" in str(failure.value)
+  assert f"the newest complete checkpoint, step {newest}, is intact" in str(failure.value)
+  restored = checkpointer.manager.restore(newest, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(saved[newest])))
+  np.testing.assert_array_equal(restored.state["w"], saved[newest]["w"])
+  checkpointer.close()

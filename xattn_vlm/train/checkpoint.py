@@ -32,11 +32,18 @@ class CheckpointSaveError(OSError):
   and the newest complete step, which a rerun resumes from."""
 
 
+def _is_write_failure(error: Exception) -> bool:
+  """Whether ``error`` is the filesystem refusing a write: tensorstore (Orbax's array writer)
+  raises ``ValueError('RESOURCE_EXHAUSTED: ... [os_error_code='28']')`` for a full disk."""
+  return isinstance(error, OSError) or "os_error_code=" in str(error)
+
+
 class Checkpointer:
   """The run's CheckpointManager with corrupt-step fallback (see the module docstring).
 
-  A save that fails (``OSError``, e.g. no space left: raised by the save or by the next call that
-  waits for an asynchronous one) leaves the earlier steps as they were, since Orbax writes a
+  A save that fails for want of space or access (``OSError``, or tensorstore's ``ValueError``
+  carrying the OS error code, which is how a full disk reaches Orbax's array writes; raised by the
+  save or by the next call that waits for an asynchronous one) leaves the earlier steps as they were, since Orbax writes a
   step into a temporary directory and renames it when complete; it raises
   ``CheckpointSaveError`` once, and the calls that follow (``wait``, ``close`` on the way out)
   only log the same failure instead of hiding the first report.
@@ -78,7 +85,9 @@ class Checkpointer:
     """Turns the first failed write into ``CheckpointSaveError``; later ones are only logged."""
     try:
       yield
-    except OSError as error:
+    except (OSError, ValueError) as error:
+      if not _is_write_failure(error):
+        raise
       if self._save_failed:
         _log.warning("checkpoint writes in %s still fail: %s", self.workdir, error)
         return
