@@ -97,7 +97,7 @@ def read_openflamingo_checkpoint(path: str | pathlib.Path, layers_attr: str) -> 
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise ImportError("reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
-                      "pip install torch") from error
+                      "pip install 'xattn_vlm[convert]'") from error
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"OpenFlamingo checkpoint {str(path)!r} does not exist")
