@@ -10,5 +10,5 @@ from xattn_vlm.inference.processor import Batch, Processor
 from xattn_vlm.inference.scoring import Scores, score
 
 __all__ = ["Batch", "Generation", "GenerationConfig", "GenerationOutput", "InferenceModel",
-           "Processor", "Scores", "from_pretrained", "generate", "generate_tokens", "import_idefics",
-           "import_openflamingo", "score"]
+           "Processor", "Scores", "from_pretrained", "generate", "generate_tokens",
+           "import_idefics", "import_openflamingo", "score"]
