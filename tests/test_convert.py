@@ -30,14 +30,15 @@ import xattn_vlm
 from helpers import REPO, leaves, tiny
 from xattn_vlm import checkpoint
 from xattn_vlm.inference import Batch, GenerationConfig, generate, generate_tokens
+from xattn_vlm.models import config as model_config
 from xattn_vlm.train import trainer
 
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 20
 # The tiny references' preset fields that differ from the published models'.
-TINY_CHANGES = [f"--model.lm.vocab_size={ref.TOKENIZER_VOCAB}", "--model.dtype=float32",
-                f"--model.resampler.depth={ref.PERCEIVER_DEPTH}"]
+TINY = {"lm.vocab_size": ref.TOKENIZER_VOCAB, "dtype": "float32",
+        "resampler.depth": ref.PERCEIVER_DEPTH}
 PRESETS = {"mpt1b": "openflamingo_3b", "v1_llama": "openflamingo_9b_v1",
            "mpt7b": "openflamingo_9b"}
 
@@ -70,7 +71,8 @@ def openflamingo_command(reference, variant, output, checkpoint_pt=None, tokeniz
   command = ["xattn_vlm.convert", "--from=openflamingo", f"--preset={PRESETS[variant]}",
              f"--checkpoint={checkpoint_pt or reference.checkpoint}", f"--lm={reference.lm}",
              f"--vision={reference.vision}", f"--output={output}",
-             f"--model.xattn.every_n_layers={every_n}", *TINY_CHANGES]
+             f"--model.xattn.every_n_layers={every_n}",
+             *(f"--model.{key}={value}" for key, value in TINY.items())]
   return command + ([f"--tokenizer={tokenizer}"] if tokenizer else [])
 
 
@@ -151,8 +153,9 @@ def test_converted_model_matches_the_reference(converted, name):
   model, processor, tokenizer = xattn_vlm.from_pretrained(output)
   assert processor.tokenizer is tokenizer and tokenizer.media_token_id == reference.media_token_id
   batch, theirs, their_tokens = _reference_outputs(name, reference)
-  ours = np.asarray(nnx.jit(lambda m, b: m(b.images, b.input_ids, b.attention_mask,
-                                           media_mask=b.media_mask))(model, batch))
+  forward = nnx.jit(lambda m, images, ids, mask, media: m(images, ids, mask, media_mask=media))
+  ours = np.asarray(forward(model, batch.images, batch.input_ids, batch.attention_mask,
+                            batch.media_mask))
   real = np.asarray(batch.attention_mask).astype(bool)
   assert ours.shape == theirs.shape and np.abs(theirs[real]).max() > 1.0
   np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
@@ -172,13 +175,14 @@ def test_from_pretrained_reads_the_published_files_as_the_conversion_does(conver
   for name, kwargs in (("mpt1b", None), ("idefics", {})):
     reference, output = converted[name]
     if kwargs is None:
-      config = checkpoint.saved_config(str(output)).converted_from
-      kwargs = dict(lm=reference.lm, vision=reference.vision,
-                    config=checkpoint.saved_config(str(output)).model)
-      assert config.preset == "openflamingo_3b"
+      assert checkpoint.saved_config(str(output)).converted_from.preset == "openflamingo_3b"
+      config = model_config.openflamingo_3b()
+      config.update_from_flattened_dict(TINY)
+      config.xattn.every_n_layers = ref.OPENFLAMINGO_VARIANTS[name][1]
+      kwargs = dict(lm=reference.lm, vision=reference.vision, config=config)
     direct, _, tokenizer = xattn_vlm.from_pretrained(reference.checkpoint, **kwargs)
     saved, _, _ = xattn_vlm.from_pretrained(output)
-    assert direct.config.to_dict() == saved.config.to_dict()
+    assert checkpoint.config_json(direct.config) == checkpoint.config_json(saved.config)
     expected = leaves(nnx.state(saved, nnx.Param))
     got = leaves(nnx.state(direct, nnx.Param))
     assert got.keys() == expected.keys()
@@ -196,7 +200,7 @@ def test_prompt_and_evaluate_read_a_converted_directory(converted, tmp_path):
       ("xattn_vlm.prompt", f"--checkpoint={output}", f"--image={image}", f"--text={text}",
        "--max_new_tokens=5", "--num_beams=1"),
       ("xattn_vlm.evaluate", f"--checkpoint={output}", f"--output_dir={tmp_path / 'eval'}",
-       "--eval.tasks=shapes_captioning", "--eval.shots=0", "--eval.trials=1",
+       "--eval.tasks=shapes_vqa", "--eval.shots=0", "--eval.trials=1",
        "--eval.num_beams=1", "--eval.batch_size=8", "--eval.shapes.num_queries=4",
        "--eval.shapes.pool_size=8")])
   assert shown.returncode == 0, shown.stderr[-3000:]
@@ -205,7 +209,10 @@ def test_prompt_and_evaluate_read_a_converted_directory(converted, tmp_path):
   assert shown.stdout.strip().splitlines()[-1] == expected.strip() and expected.strip()
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
-  assert "shapes_captioning" in json.dumps(results)
+  assert results["metadata"]["queries"] == {"shapes_vqa": 4}
+  predictions = (tmp_path / "eval" / "predictions" / "shapes_vqa" / "0shot_trial0.jsonl")
+  outputs = [json.loads(line)["output"] for line in predictions.read_text().splitlines()]
+  assert len(outputs) == 4 and all(outputs)  # the converted model's words, decoded
 
 
 def test_the_trainer_fine_tunes_a_converted_model(converted, tmp_path):
