@@ -1,7 +1,7 @@
 """``python -m xattn_vlm.convert`` end to end, over tiny reference models saved as the published
-files are (``reference_models``): OpenFlamingo MPT-1B (MosaicGPT) and v1 LLaMA, and IDEFICS,
-each converted by the command, then read back by ``xattn_vlm.from_pretrained``, give the reference
-model's logits (1e-4) and its 20 greedy tokens; ``from_pretrained`` on the published files gives
+files are (``reference_models``): OpenFlamingo MPT-1B (MosaicGPT) and v1 LLaMA (its LM as
+``pytorch_model.bin``), and IDEFICS, each converted by the command, then read back by
+``xattn_vlm.from_pretrained``, give the reference model's logits (1e-4) and its 20 greedy tokens; ``from_pretrained`` on the published files gives
 the same parameters as the conversion; ``prompt`` and ``evaluate`` run on a converted directory;
 the trainer fine-tunes from one (``config.init.flamingo_workdir``). A missing, extra or misshapen
 tensor, or a tokenizer whose special-token ids disagree with the weights, is one line on stderr
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
+import safetensors.torch
 import tokenizers
 import torch
 import transformers
@@ -88,9 +89,12 @@ def converted(tmp_path_factory):
     if variant == "mpt1b":  # the tokenizer in the LM folder, where --tokenizer defaults to
       write_tokenizer(reference.lm)
       tokenizer = None
-    else:
+    else:  # LLaMA-7B as most conversions published it: pytorch_model.bin, a torch pickle
       tokenizer = root / "llama_tokenizer"
       write_tokenizer(tokenizer)
+      weights = reference.lm / "model.safetensors"
+      torch.save(safetensors.torch.load_file(weights), reference.lm / "pytorch_model.bin")
+      weights.unlink()
     references[variant] = reference
     commands.append(openflamingo_command(reference, variant, root / f"{variant}_out",
                                          tokenizer=tokenizer))
