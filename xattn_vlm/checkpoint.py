@@ -118,7 +118,7 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
                for d in differences(get_field(saved, f), get_field(current, f), f"config.{f}")]
     if changed:
       what = f"config.model.{model_key}" if model_key else "config.model"
-      raise ValueError(f"{setting}={workdir!r} holds a different {what.removeprefix('config.')}: "
+      raise ValueError(f"{setting}={workdir!r} holds a different {model_key or 'model'}: "
                        + "; ".join(changed[:5])
                        + f". Set {what} to the {stage} run's (checkpoint.saved_config).")
     try:
