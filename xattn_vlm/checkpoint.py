@@ -197,6 +197,18 @@ def load_tokenizer(workdir: str, model_config: ml_collections.ConfigDict,
   return Tokenizer.from_pretrained(path, model_config=model_config)
 
 
+def require_new_directory(output: str, setting: str = "--output") -> pathlib.Path:
+  """``output`` as an absolute path, after checking that it does not exist and its parent does
+  (before a long job that ends by writing it)."""
+  target = pathlib.Path(output).absolute()
+  if target.exists():
+    raise ValueError(f"{setting}={output!r} already exists: give a new directory")
+  if not target.parent.is_dir():
+    raise FileNotFoundError(f"{setting}={output!r}: its parent directory {str(target.parent)!r} "
+                            "does not exist")
+  return target
+
+
 def save_flamingo(output: str, model: Flamingo, config: ml_collections.ConfigDict,
                   tokenizer: Tokenizer | None, setting: str = "--output") -> None:
   """Writes ``model`` as a flamingo-stage workdir ``output`` that ``load_flamingo`` reads and a run
@@ -204,12 +216,7 @@ def save_flamingo(output: str, model: Flamingo, config: ml_collections.ConfigDic
   ConfigDict with ``stage`` 'flamingo' and ``model``; other fields record the source) and the
   tokenizer in ``tokenizer/``. All is written into a new directory beside ``output`` and renamed
   at the end, so ``output`` either is complete or does not exist. ``output`` must not exist."""
-  target = pathlib.Path(output).absolute()
-  if target.exists():
-    raise ValueError(f"{setting}={output!r} already exists: give a new directory")
-  if not target.parent.is_dir():
-    raise FileNotFoundError(f"{setting}={output!r}: its parent directory {str(target.parent)!r} "
-                            "does not exist")
+  target = require_new_directory(output, setting)
   if config.get("stage") != "flamingo" or "model" not in config:
     raise ValueError("save_flamingo: config must hold stage='flamingo' and the model config")
   partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))

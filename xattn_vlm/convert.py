@@ -66,6 +66,7 @@ def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = 
   """Imports the published files of ``source`` (``FORMATS``) and writes them to ``output`` (see
   the module docstring; the arguments are its flags, ``changes`` the ``--model.*`` ones)."""
   changes = changes or {}
+  checkpoint.require_new_directory(output)
   openflamingo_only = {"--lm": lm, "--vision": vision, "--preset": preset}
   if source == "openflamingo":
     missing = [name for name, value in openflamingo_only.items() if value is None]
