@@ -111,7 +111,8 @@ def _write_references(root, answers, captions):
 
 def _import_their_evaluation():
   """open_flamingo/eval/evaluate.py with the packages it imports but these tasks never use
-  stubbed (open_clip, torchvision, sklearn, nltk, inflection), then removed again."""
+  stubbed (open_clip, torchvision, sklearn, nltk, inflection), then removed again, as are its
+  sibling modules (utils, coco_metric, ...), whose bare names must not shadow later imports."""
   stubs = {"open_clip": {}, "torchvision": {}, "torchvision.datasets": {"ImageFolder": object},
            "sklearn": {}, "sklearn.metrics": {"roc_auc_score": None},
            "nltk": {"stem": types.SimpleNamespace(WordNetLemmatizer=object)},
@@ -123,6 +124,7 @@ def _import_their_evaluation():
       setattr(sys.modules[name], key, value)
   folder = pathlib.Path(importlib.util.find_spec("open_flamingo").origin).parent / "eval"
   # Its modules import each other by bare name (utils, coco_metric, ...).
+  before = set(sys.modules)
   sys.path.insert(0, str(folder))
   try:
     spec = importlib.util.spec_from_file_location("openflamingo_evaluate", folder / "evaluate.py")
@@ -132,6 +134,9 @@ def _import_their_evaluation():
     sys.path.remove(str(folder))
     for name in added:
       del sys.modules[name]
+    for name in set(sys.modules) - before:
+      if (folder / f"{name}.py").is_file():
+        del sys.modules[name]
   return module
 
 
@@ -247,16 +252,16 @@ def theirs_and_ours(tmp_path_factory, monkeypatch_module):
       return metric(*a, **kw)
     return wrapped
 
-  if not torch.distributed.is_initialized():
-    torch.distributed.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=0,
-                                         world_size=1)
-  coco_metric, vqa_metric = sys.modules["coco_metric"], sys.modules["vqa_metric"]
+  # It gathers predictions over a process group: one process here.
+  torch.distributed.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=0,
+                                       world_size=1)
+  compute_cider, compute_vqa_accuracy = evaluate.compute_cider, evaluate.compute_vqa_accuracy
   # Their CIDEr runs every COCO scorer; SPICE downloads Stanford CoreNLP and METEOR starts a
   # Java server, neither of which CIDEr uses: both score 0 here.
   for name in ("Spice", "Meteor"):
     monkeypatch.setattr(pycocoevalcap_eval, name, _NoScorer)
-  evaluate.compute_cider = capture("coco", coco_metric.compute_cider)
-  evaluate.compute_vqa_accuracy = capture("vqav2", vqa_metric.compute_vqa_accuracy)
+  evaluate.compute_cider = capture("coco", compute_cider)
+  evaluate.compute_vqa_accuracy = capture("vqav2", compute_vqa_accuracy)
   predictions = {}
   cwd = os.getcwd()
   os.chdir(root)  # it writes its result files into the working directory
@@ -268,6 +273,7 @@ def theirs_and_ours(tmp_path_factory, monkeypatch_module):
       predictions[("vqav2", shots)] = {p["question_id"]: p["answer"] for p in captured["vqav2"]}
   finally:
     os.chdir(cwd)
+    torch.distributed.destroy_process_group()
 
   # References that half the queries' predictions match (at the first shot count), so the scores
   # compare two nonzero numbers; the predictions do not depend on them.
@@ -282,11 +288,11 @@ def theirs_and_ours(tmp_path_factory, monkeypatch_module):
     path = root / f"{task}_{shots}.json"
     if task == "coco":
       path.write_text(json.dumps([{"image_id": k, "caption": v} for k, v in predicted.items()]))
-      scores[(task, shots)] = coco_metric.compute_cider(
+      scores[(task, shots)] = compute_cider(
           result_path=str(path), annotations_path=args.coco_annotations_json_path)["CIDEr"] * 100
     else:
       path.write_text(json.dumps([{"question_id": k, "answer": v} for k, v in predicted.items()]))
-      scores[(task, shots)] = vqa_metric.compute_vqa_accuracy(
+      scores[(task, shots)] = compute_vqa_accuracy(
           str(path), args.vqav2_test_questions_json_path, args.vqav2_test_annotations_json_path)
 
   config = runner.default_config()
