@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "plan": ("xattn_vlm.plan", "--topology"),
     "build-features": ("xattn_vlm.build_features", "--output"),
     "summary": ("xattn_vlm.summary", "--configs"),
+    "convert": ("xattn_vlm.convert", "--preset"),
 }
 
 

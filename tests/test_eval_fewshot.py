@@ -1,4 +1,5 @@
-"""Few-shot prompts: golden strings for every task at 0, 2 and 4 shots."""
+"""Few-shot prompts: golden strings for every task at 0, 2 and 4 shots (captioning and VQA
+demonstrations followed by a newline, as OpenFlamingo 2.0.1's evaluation writes them)."""
 
 import numpy as np
 import pytest
@@ -25,23 +26,24 @@ EXAMPLES = {
 }
 
 GOLDEN = {
-    ("captioning", 0): "Output:A dog on grass." + EOC + "Output:A red bus." + EOC
+    ("captioning", 0): "Output:A dog on grass." + EOC + "\n" + "Output:A red bus." + EOC + "\n"
                        + "<image>Output:",
-    ("captioning", 2): "<image>Output:A dog on grass." + EOC + "<image>Output:A red bus." + EOC
-                       + "<image>Output:",
-    ("captioning", 4): "<image>Output:A dog on grass." + EOC + "<image>Output:A red bus." + EOC
-                       + "<image>Output:Two cats." + EOC + "<image>Output:A pizza." + EOC
-                       + "<image>Output:",
-    ("vqa", 0): "Question:What animal is this? Short answer:dog" + EOC
-                + "Question:What color is the bus? Short answer:red" + EOC
+    ("captioning", 2): "<image>Output:A dog on grass." + EOC + "\n"
+                       + "<image>Output:A red bus." + EOC + "\n" + "<image>Output:",
+    ("captioning", 4): "<image>Output:A dog on grass." + EOC + "\n"
+                       + "<image>Output:A red bus." + EOC + "\n"
+                       + "<image>Output:Two cats." + EOC + "\n"
+                       + "<image>Output:A pizza." + EOC + "\n" + "<image>Output:",
+    ("vqa", 0): "Question:What animal is this? Short answer:dog" + EOC + "\n"
+                + "Question:What color is the bus? Short answer:red" + EOC + "\n"
                 + "<image>Question:Which room is this? Short answer:",
-    ("vqa", 2): "<image>Question:What animal is this? Short answer:dog" + EOC
-                + "<image>Question:What color is the bus? Short answer:red" + EOC
+    ("vqa", 2): "<image>Question:What animal is this? Short answer:dog" + EOC + "\n"
+                + "<image>Question:What color is the bus? Short answer:red" + EOC + "\n"
                 + "<image>Question:Which room is this? Short answer:",
-    ("vqa", 4): "<image>Question:What animal is this? Short answer:dog" + EOC
-                + "<image>Question:What color is the bus? Short answer:red" + EOC
-                + "<image>Question:How many cats? Short answer:2" + EOC
-                + "<image>Question:What food is this? Short answer:pizza" + EOC
+    ("vqa", 4): "<image>Question:What animal is this? Short answer:dog" + EOC + "\n"
+                + "<image>Question:What color is the bus? Short answer:red" + EOC + "\n"
+                + "<image>Question:How many cats? Short answer:2" + EOC + "\n"
+                + "<image>Question:What food is this? Short answer:pizza" + EOC + "\n"
                 + "<image>Question:Which room is this? Short answer:",
     ("imagenet", 0): "Output:goldfish" + EOC + "Output:tabby cat" + EOC + "<image>Output:",
     ("imagenet", 2): "<image>Output:goldfish" + EOC + "<image>Output:tabby cat" + EOC

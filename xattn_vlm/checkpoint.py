@@ -4,6 +4,11 @@
 step, parameters, optimizer state, skip counters), ``data`` (each process's iterator position)
 and ``config`` (JSON). The trainer writes them (``train.checkpoint.Checkpointer``); this module
 reads them for whoever needs a model without training it: the next stage, evaluation, prompting.
+
+A converted published model (``python -m xattn_vlm.convert``, written by ``save_flamingo``) is a
+flamingo-stage workdir of one step, 0, whose ``state`` holds the parameters only and whose
+``config`` holds the stage, the model and where it came from; ``<workdir>/tokenizer/`` holds the
+tokenizer it needs, which ``load_tokenizer`` finds.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -19,11 +27,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from xattn_vlm.data.tokenizer import Tokenizer
+from xattn_vlm.data.shapes.tokenizer import default_tokenizer
 from xattn_vlm.models.flamingo import Flamingo
 
 _log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+TOKENIZER = "tokenizer"
 
 # Per stage, the config fields that decide the shapes and meaning of the saved parameters
 # (compute dtype and rematerialisation do not).
@@ -82,7 +93,8 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
   """Parameters only, from the latest restorable checkpoint of another run (to start a new stage
   or to evaluate): the saved params at ``source`` ('' = all) restored onto ``target``
   (ShapeDtypeStructs with shardings). That run must be ``stage`` with the same
-  ``config.model[model_key]``; ``setting`` names the config field holding ``workdir``."""
+  ``config.model[model_key]`` (``model_key`` '': every field of ``MODEL_FIELDS[stage]``);
+  ``setting`` names the config field holding ``workdir``."""
   directory = run_path(workdir) / CHECKPOINTS
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   steps = manager.all_steps()
@@ -101,12 +113,14 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
     if saved.get("stage") != stage:
       raise ValueError(f"{setting}={workdir!r} holds a {saved.get('stage')!r} run; expected a "
                        f"{stage!r} run")
-    changed = differences(get_field(saved, f"model.{model_key}"),
-                          get_field(current, f"model.{model_key}"), f"config.model.{model_key}")
+    fields = [f"model.{model_key}"] if model_key else MODEL_FIELDS[stage]
+    changed = [d for f in fields
+               for d in differences(get_field(saved, f), get_field(current, f), f"config.{f}")]
     if changed:
-      raise ValueError(f"{setting}={workdir!r} holds a different {model_key}: "
+      what = f"config.model.{model_key}" if model_key else "config.model"
+      raise ValueError(f"{setting}={workdir!r} holds a different {model_key or 'model'}: "
                        + "; ".join(changed[:5])
-                       + f". Set config.model.{model_key} to the {stage} run's.")
+                       + f". Set {what} to the {stage} run's (checkpoint.saved_config).")
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
@@ -154,3 +168,69 @@ def load_flamingo(workdir: str, setting: str = "--checkpoint") -> Flamingo:
   params = load_params(workdir, target, source="", stage="flamingo", model_key="lm",
                        config=config, setting=setting)
   return nnx.merge(graphdef, params, rest)
+
+
+def saved_config(workdir: str, setting: str = "--checkpoint") -> ml_collections.ConfigDict:
+  """The config saved with the latest checkpoint of ``workdir`` (a run's, or a converted model's:
+  its ``model`` is what a run fine-tuning from it sets as ``config.model``)."""
+  manager = ocp.CheckpointManager(run_path(workdir) / CHECKPOINTS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"{setting}={workdir!r} holds no checkpoint: give the workdir of a "
+                     "flamingo-stage training run or a converted model")
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  manager.close()
+  return ml_collections.ConfigDict(saved)
+
+
+def load_tokenizer(workdir: str, model_config: ml_collections.ConfigDict,
+                   path: str | None = None) -> Tokenizer:
+  """The tokenizer for the model of ``workdir``, built for ``model_config``: ``path`` when given
+  (a Hugging Face folder or .gguf file), else the ``tokenizer/`` folder a conversion wrote, else
+  the shapes world's."""
+  if path is None and "://" not in str(workdir):
+    saved = pathlib.Path(workdir) / TOKENIZER
+    path = str(saved) if saved.is_dir() else None
+  if path is None:
+    return default_tokenizer()
+  return Tokenizer.from_pretrained(path, model_config=model_config)
+
+
+def require_new_directory(output: str, setting: str = "--output") -> pathlib.Path:
+  """``output`` as an absolute path, after checking that it does not exist and its parent does
+  (before a long job that ends by writing it)."""
+  target = pathlib.Path(output).absolute()
+  if target.exists():
+    raise ValueError(f"{setting}={output!r} already exists: give a new directory")
+  if not target.parent.is_dir():
+    raise FileNotFoundError(f"{setting}={output!r}: its parent directory {str(target.parent)!r} "
+                            "does not exist")
+  return target
+
+
+def save_flamingo(output: str, model: Flamingo, config: ml_collections.ConfigDict,
+                  tokenizer: Tokenizer | None, setting: str = "--output") -> None:
+  """Writes ``model`` as a flamingo-stage workdir ``output`` that ``load_flamingo`` reads and a run
+  starts from (``config.init.flamingo_workdir``): step 0 with the parameters, ``config`` (a
+  ConfigDict with ``stage`` 'flamingo' and ``model``; other fields record the source) and the
+  tokenizer in ``tokenizer/``. All is written into a new directory beside ``output`` and renamed
+  at the end, so ``output`` either is complete or does not exist. ``output`` must not exist."""
+  target = require_new_directory(output, setting)
+  if config.get("stage") != "flamingo" or "model" not in config:
+    raise ValueError("save_flamingo: config must hold stage='flamingo' and the model config")
+  partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+  try:
+    manager = ocp.CheckpointManager(partial / CHECKPOINTS, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False, create=True))
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": nnx.state(model, nnx.Param)}),
+        config=ocp.args.JsonSave(config_json(config))))
+    manager.close()
+    if tokenizer is not None:
+      tokenizer.save_pretrained(partial / TOKENIZER)
+    partial.rename(target)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  _log.info("wrote %s", target)

@@ -6,7 +6,8 @@
       --tokenizer=/models/mpt-7b --eval.tasks=coco,vqav2,ok_vqa --eval.data_root=/data \\
       --eval.demonstrations=rices
 
-``--checkpoint`` is the workdir of a flamingo-stage training run. ``--eval.*`` are the settings of
+``--checkpoint`` is the workdir of a flamingo-stage training run or a converted published model
+(``python -m xattn_vlm.convert``, docs/checkpoints.md). ``--eval.*`` are the settings of
 ``xattn_vlm.eval.runner.default_config`` (tasks, shots, trials, demonstrations, batch size, ...);
 ``--eval.data_root`` and ``--eval.data.<task>.<train|test>.<argument>`` say where the official
 benchmark files are (``xattn_vlm.eval.tasks.default_data_config`` lists the expected layout).
@@ -25,14 +26,15 @@ from ml_collections import config_flags
 from xattn_vlm import checkpoint
 from xattn_vlm import cli
 from xattn_vlm import distributed
-from xattn_vlm.data import Tokenizer, default_tokenizer
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
 
-flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run.")
+flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run, or a "
+                    "model converted by python -m xattn_vlm.convert.")
 flags.DEFINE_string("output_dir", None, "Where predictions and results are written.")
 flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
-                    "built-in shapes-world tokenizer).")
+                    "checkpoint's tokenizer/ folder, which a conversion writes, else the built-in "
+                    "shapes-world tokenizer).")
 flags.DEFINE_string("model_name", "ours", "Name of our rows in the results table.")
 flags.DEFINE_bool("multiprocess", False, "Join a multi-process run before evaluating.")
 config_flags.DEFINE_config_dict("eval", runner.default_config(), "Evaluation settings.")
@@ -45,8 +47,7 @@ def evaluate() -> None:
     distributed.initialize()
   runner.check_config(FLAGS.eval)
   model = checkpoint.load_flamingo(FLAGS.checkpoint)
-  tokenizer = (default_tokenizer() if FLAGS.tokenizer is None else
-               Tokenizer.from_pretrained(FLAGS.tokenizer, model_config=model.config))
+  tokenizer = checkpoint.load_tokenizer(FLAGS.checkpoint, model.config, FLAGS.tokenizer)
   processor = Processor.from_model_config(model.config, tokenizer)
   runner.evaluate(model, processor, FLAGS.eval, FLAGS.output_dir, model_name=FLAGS.model_name)
   if jax.process_index() == 0:

@@ -4,7 +4,8 @@
       --text "<image>A photo of a cat.<|endofchunk|><image>A photo of"
   python -m xattn_vlm.prompt --config=tiny --image a.jpg --text "<image>Output:"
 
-``--checkpoint`` is the workdir of a ``flamingo``-stage training run (its latest checkpoint);
+``--checkpoint`` is the workdir of a ``flamingo``-stage training run (its latest checkpoint) or
+a converted published model (``python -m xattn_vlm.convert``);
 ``--config`` names a model preset (``xattn_vlm.models.config``) and builds a fresh random model,
 with the LM vocabulary sized to the tokenizer. The images fill the ``<image>`` placeholders in
 order.
@@ -22,10 +23,12 @@ from xattn_vlm.inference import Processor, generate
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models.flamingo import Flamingo
 
-flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run.")
+flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training run, or a "
+                    "model converted by python -m xattn_vlm.convert.")
 flags.DEFINE_string("config", None, "Model preset name for a fresh random model, e.g. tiny.")
 flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
-                    "built-in shapes-world tokenizer).")
+                    "checkpoint's tokenizer/ folder, which a conversion writes, else the built-in "
+                    "shapes-world tokenizer).")
 flags.DEFINE_multi_string("image", [], "An image file; repeat for each <image> in --text.")
 flags.DEFINE_string("text", None, "The prompt, with one <image> placeholder per --image.")
 flags.DEFINE_integer("max_new_tokens", 20, "At most this many new tokens.")
@@ -46,8 +49,7 @@ def build(checkpoint_dir: str | None, preset: str | None, tokenizer_dir: str | N
   """The model (from a checkpoint, or fresh from a preset) and its processor."""
   if checkpoint_dir is not None:
     model = checkpoint.load_flamingo(checkpoint_dir, setting="--checkpoint")
-    tokenizer = (default_tokenizer() if tokenizer_dir is None else
-                 Tokenizer.from_pretrained(tokenizer_dir, model_config=model.config))
+    tokenizer = checkpoint.load_tokenizer(checkpoint_dir, model.config, tokenizer_dir)
   else:
     tokenizer = (default_tokenizer() if tokenizer_dir is None else
                  Tokenizer.from_pretrained(tokenizer_dir))

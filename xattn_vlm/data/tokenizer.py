@@ -39,6 +39,8 @@ class Tokenizer:
   is in its vocabulary); a missing pad token is the EOS token (padding is masked out anyway).
   ``lm_vocab_size`` defaults to the smallest vocabulary that holds every other token.
   ``eoc_token_id`` is None when ``<|endofchunk|>`` is not among the added tokens (IDEFICS).
+  ``raw_added_token_ids`` are the wrapped tokenizer's own ids of the added tokens: where a model
+  trained with that tokenizer keeps their rows.
   """
 
   def __init__(self, tokenizer, *, lm_vocab_size: int | None = None, eos_token: str | None = None,
@@ -57,6 +59,7 @@ class Tokenizer:
         tokenizer.add_tokens(added, special_tokens=True)
       vocab = self._vocab()
     raw_added_ids = tuple(vocab[t] for t in self.added_tokens)
+    self.raw_added_token_ids = raw_added_ids
 
     required = 1 + max(i for t, i in vocab.items() if t not in self.added_tokens)
     if lm_vocab_size is None:
@@ -124,6 +127,21 @@ class Tokenizer:
     if model_config is not None:
       tokenizer.require_model(model_config)
     return tokenizer
+
+  def save_pretrained(self, path: str | os.PathLike) -> None:
+    """Writes the wrapped tokenizer, its added tokens included, as a Hugging Face folder that
+    ``from_pretrained`` reads back with the same ids."""
+    if self._raw:
+      import transformers  # pylint: disable=import-outside-toplevel
+      vocab = self._vocab()
+      names = {i: t for t, i in vocab.items()}
+      wrapped = transformers.PreTrainedTokenizerFast(
+          tokenizer_object=self._tokenizer, eos_token=names[self.eos_token_id],
+          bos_token=None if self.bos_token_id is None else names[self.bos_token_id],
+          pad_token=names[self.pad_token_id])
+    else:
+      wrapped = self._tokenizer
+    wrapped.save_pretrained(str(path))
 
   def require_model_vocab(self, vocab_size: int, setting: str, where: str) -> None:
     """Fails unless a Flamingo model whose LM vocabulary is ``vocab_size`` (``setting`` names it in

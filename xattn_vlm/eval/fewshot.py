@@ -1,11 +1,12 @@
 """Few-shot prompts: task templates and the k-shot prompt built from demonstrations and a query.
 
-A prompt is demonstrations followed by the query, concatenated with nothing in between, each
-demonstration a filled template ending in ``<|endofchunk|>`` and the query the same template cut
-where its answer begins, so the model writes (or scores) the answer next. At 0 shots the prompt
-still opens with 2 demonstrations, but text-only: their ``<image>`` tokens and images are left
-out (Flamingo and OpenFlamingo do this so the model sees the answer format without being shown
-an image).
+A prompt is demonstrations followed by the query, each demonstration a filled template ending in
+``<|endofchunk|>`` plus the template's separator (a newline for captioning and VQA, nothing for
+classification, as OpenFlamingo 2.0.1's evaluation code builds them), and the query the same
+template cut where its answer begins, so the model writes (or scores) the answer next. At 0
+shots the prompt still opens with 2 demonstrations, but text-only: their ``<image>`` tokens and
+images are left out (Flamingo and OpenFlamingo do this so the model sees the answer format
+without being shown an image).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ class PromptTemplate:
     demonstration_text: the demonstrations' form when it differs from the query's (binding
       episodes: supports say "This is a {name}.", the query asks "What is this? It is a"); None
       means ``text``. Same rules: one answer slot, one image token.
+    separator: what follows each demonstration in a prompt.
   """
   text: str
   answer_field: str
   image_token: str = IMAGE_TOKEN
   demonstration_text: str | None = None
+  separator: str = ""
 
   def __post_init__(self):
     for text in (self.text, self.demonstration_text):
@@ -84,12 +87,15 @@ def _fields(text: str) -> list[str]:
   return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
 
 
-# OpenFlamingo's prompts (its paper and evaluation code). Its code ends every demonstration with <|endofchunk|>,
-# the ImageNet and Hateful Memes ones included.
+# OpenFlamingo's prompts (its paper and evaluation code). Its code ends every demonstration with
+# <|endofchunk|>, the ImageNet and Hateful Memes ones included, and puts a newline after each
+# captioning and VQA demonstration (open_flamingo/eval/evaluate.py, 2.0.1).
 TEMPLATES: dict[str, PromptTemplate] = {
-    "captioning": PromptTemplate(f"{IMAGE_TOKEN}Output:{{caption}}{END_OF_CHUNK}", "caption"),
+    "captioning": PromptTemplate(f"{IMAGE_TOKEN}Output:{{caption}}{END_OF_CHUNK}", "caption",
+                                 separator="\n"),
     "vqa": PromptTemplate(
-        f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK}", "answer"),
+        f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK}", "answer",
+        separator="\n"),
     "imagenet": PromptTemplate(f"{IMAGE_TOKEN}Output:{{label}}{END_OF_CHUNK}", "label"),
     "hateful_memes": PromptTemplate(
         f"{IMAGE_TOKEN}is an image with: '{{ocr}}' written on it. Is it hateful? "
@@ -141,7 +147,7 @@ def build_prompt(template: PromptTemplate | str, query: Mapping[str, Any],
   if len(demonstrations) != expected:
     raise ValueError(f"a {shots}-shot prompt needs {expected} demonstrations"
                      f"{' (text-only)' if shots == 0 else ''}, got {len(demonstrations)}")
-  texts = [template.demonstration(demo) for demo in demonstrations]
+  texts = [template.demonstration(demo) + template.separator for demo in demonstrations]
   images = []
   if shots == 0:
     texts = [text.replace(template.image_token, "") for text in texts]

@@ -18,6 +18,7 @@ and drops ``<PAD>``, which no prompt or continuation needs.
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import re
@@ -84,6 +85,53 @@ class TorchCheckpoint:
     return sorted(set(self._tensors) - self.read)
 
 
+def _torch_state(path: pathlib.Path) -> dict:
+  """A torch state dict file, memory-mapped: name -> tensor (a resumable checkpoint's
+  ``model_state_dict`` unwrapped)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(f"reading {str(path)!r} (a torch pickle) needs torch: "
+                      "pip install 'xattn_vlm[convert]'") from error
+  state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+  if isinstance(state, dict) and "model_state_dict" in state:
+    state = state["model_state_dict"]
+  if not isinstance(state, dict):
+    raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+  for name, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f"entry {name!r} of {str(path)!r} is a {type(value).__name__}, not a tensor")
+  return state
+
+
+TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def open_lm_checkpoint(path: str | pathlib.Path):
+  """The tensors of a base LM folder: its safetensors (``convert.Checkpoint``) or, as the older
+  published folders hold them (MPT-1B's, RedPajama's, many LLaMA conversions),
+  ``pytorch_model.bin`` or its sharded index, read through torch memory-mapped."""
+  folder = pathlib.Path(path)
+  if any((folder / n).is_file() for n in (convert.SAFETENSORS, convert.SAFETENSORS_INDEX)):
+    return convert.Checkpoint(folder)
+  if (folder / TORCH_WEIGHTS_INDEX).is_file():
+    shards = sorted(set(json.loads((folder / TORCH_WEIGHTS_INDEX).read_text())["weight_map"]
+                        .values()))
+  elif (folder / TORCH_WEIGHTS).is_file():
+    shards = [TORCH_WEIGHTS]
+  else:
+    raise FileNotFoundError(f"no {convert.SAFETENSORS}, {convert.SAFETENSORS_INDEX}, "
+                            f"{TORCH_WEIGHTS} or {TORCH_WEIGHTS_INDEX} in {str(folder)!r}")
+  missing = [n for n in shards if not (folder / n).is_file()]
+  if missing:
+    raise FileNotFoundError(f"shards listed in {str(folder / TORCH_WEIGHTS_INDEX)!r} are "
+                            f"missing: {missing}")
+  tensors = {}
+  for shard in shards:
+    tensors.update(_torch_state(folder / shard))
+  return TorchCheckpoint(tensors, folder)
+
+
 def read_openflamingo_checkpoint(path: str | pathlib.Path, layers_attr: str) -> TorchCheckpoint:
   """OpenFlamingo's ``checkpoint.pt``, memory-mapped (``torch.load(mmap=True, weights_only=True)``).
 
@@ -93,24 +141,11 @@ def read_openflamingo_checkpoint(path: str | pathlib.Path, layers_attr: str) -> 
   the block's own tensors (``lang_encoder.<layers_attr>.<i>.gated_cross_attn_layer.*``) and are
   then dropped.
   """
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    raise ImportError("reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
-                      "pip install torch") from error
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"OpenFlamingo checkpoint {str(path)!r} does not exist")
-  state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-  if isinstance(state, dict) and "model_state_dict" in state:
-    state = state["model_state_dict"]
-  if not isinstance(state, dict):
-    raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-  tensors = {}
-  for name, value in state.items():
-    if not isinstance(value, torch.Tensor):
-      raise ValueError(f"entry {name!r} of {str(path)!r} is a {type(value).__name__}, not a tensor")
-    tensors[name.removeprefix("module.")] = value
+  tensors = {name.removeprefix("module."): value for name, value in _torch_state(path).items()}
+  import torch  # pylint: disable=import-outside-toplevel  # present: _torch_state needed it
   duplicate = re.compile(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)")
   for name in [n for n in tensors if duplicate.fullmatch(n)]:
     layer, rest = duplicate.fullmatch(name).groups()
@@ -298,7 +333,8 @@ def load_openflamingo(checkpoint: str | pathlib.Path, lm_path: str | pathlib.Pat
 
   Args:
     checkpoint: OpenFlamingo's ``checkpoint.pt`` (v1 or v2).
-    lm_path: the base LM's Hugging Face folder, as published (MPT, MosaicGPT, GPT-NeoX, LLaMA).
+    lm_path: the base LM's Hugging Face folder, as published (MPT, MosaicGPT, GPT-NeoX, LLaMA;
+      safetensors, or ``pytorch_model.bin`` files: ``open_lm_checkpoint``).
     vision_path: the Hugging Face CLIP folder (ViT-L/14 ``openai``, the weights open_clip used).
     config: the model config whose choices the files do not fix: a preset such as
       ``openflamingo_3b()``. Kept from it: ``lm.vocab_size`` (the tokenizer's vocabulary, to which
@@ -332,7 +368,7 @@ def load_openflamingo(checkpoint: str | pathlib.Path, lm_path: str | pathlib.Pat
                      f"{config.xattn.offset}) places them before {expected}")
 
   model = nnx.eval_shape(lambda: Flamingo(config, rngs=nnx.Rngs(0)))
-  lm_ckpt = convert.Checkpoint(lm_path)
+  lm_ckpt = open_lm_checkpoint(lm_path)
   parts = _Parts()
   embed_name, head_name = convert.lm_table_names(model.lm, lm_ckpt)
   lm_prefix = ".".join(embed_name.split(".")[:-2])  # transformer, gpt_neox, model, or none

@@ -11,8 +11,9 @@ Fields (``base_config``):
   contrastive: the vision stage's text tower (an ``lm_config``), joint embedding size, initial
     temperature.
   init: the Flamingo stage's pretrained towers: workdirs of earlier ``lm_pretrain`` /
-    ``vision_pretrain`` runs, or local Hugging Face folders (``*_hf_path``); '' = random init
-    (tests, benchmarks).
+    ``vision_pretrain`` runs, or local Hugging Face folders (``*_hf_path``); or the whole model
+    from a flamingo-stage workdir (``flamingo_workdir``: a converted published model, or a run,
+    to fine-tune); '' = random init (tests, benchmarks).
   data: the mixture; ``tokenizer`` is a local Hugging Face folder ('' = the shapes-world BPE);
     ``datasets.<name>`` holds ``source`` (see ``input_pipeline``), GLOBAL
     ``batch_size``, ``weight`` (lambda_m) and source arguments; ``feature_cache`` ('' = none) is a
@@ -69,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_temperature=0.07,
   ))
   config.init = ml_collections.ConfigDict(dict(lm_workdir="", vision_workdir="", lm_hf_path="",
-                                               vision_hf_path=""))
+                                               vision_hf_path="", flamingo_workdir=""))
   config.data = ml_collections.ConfigDict(dict(
       seed=0,
       tokenizer="",

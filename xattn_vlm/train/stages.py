@@ -8,7 +8,8 @@ by, where pretrained parameters come from, and which model values to log.
 * ``vision_pretrain``: a CLIP-style ``DualEncoder`` on image-text pairs, symmetric InfoNCE;
   everything trains.
 * ``flamingo``: the full model; the LM and vision tower come from the two earlier runs and stay
-  frozen; the resampler, gated blocks and added-token rows train.
+  frozen; the resampler, gated blocks and added-token rows train. Or every parameter comes from a
+  flamingo-stage workdir (a converted published model, to fine-tune).
 
 Token losses are *sums* over supervised tokens divided by the dataset batch's token count
 (``normalizer``, computed before the forward pass), so accumulating microbatches gives exactly the
@@ -39,10 +40,10 @@ Batch = Mapping[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """Parameters for ``target`` (a top-level key of this model) from ``path``, named by the config
-  field ``setting``. Either an earlier run's workdir (``hf_loader`` None): its params at
-  ``source`` ('' = the whole model); that run must be ``stage`` with the same
-  ``config.model[model_key]``. Or a local Hugging Face folder, read by ``hf_loader(module,
+  """Parameters for ``target`` (a top-level key of this model; '' = all of it) from ``path``,
+  named by the config field ``setting``. Either an earlier run's workdir (``hf_loader`` None): its
+  params at ``source`` ('' = the whole model); that run must be ``stage`` with the same
+  ``config.model[model_key]`` ('' = every model field of the stage). Or a local Hugging Face folder, read by ``hf_loader(module,
   path)`` (``models.convert``) into an abstract ``config.model[model_key]`` tower."""
   path: str
   setting: str
@@ -178,6 +179,13 @@ def _flamingo_loss(model: flamingo_lib.Flamingo, batch: Batch) -> jax.Array:
 
 def _flamingo_pretrained(config) -> list[Pretrained]:
   init = config.init
+  if init.flamingo_workdir:
+    towers = [k for k in ("lm_workdir", "vision_workdir", "lm_hf_path", "vision_hf_path")
+              if init[k]]
+    if towers:
+      raise ValueError(f"config.init: flamingo_workdir sets every parameter; clear {towers}")
+    return [Pretrained(init.flamingo_workdir, "config.init.flamingo_workdir", "flamingo", "",
+                       source="", target="")]
   for tower, workdir, hf_path in (("lm", init.lm_workdir, init.lm_hf_path),
                                   ("vision", init.vision_workdir, init.vision_hf_path)):
     if workdir and hf_path:
@@ -243,7 +251,11 @@ _STAGES = {stage.name: stage for stage in (LM_PRETRAIN, VISION_PRETRAIN, FLAMING
 
 def frozen_vision_tower(config: ml_collections.ConfigDict) -> Pretrained | None:
   """The pretrained vision tower the Flamingo stage of ``config`` loads and freezes
-  (``config.init.vision_workdir`` or ``vision_hf_path``), or None when it sets neither."""
+  (``config.init.vision_workdir``, ``vision_hf_path`` or the tower of ``flamingo_workdir``), or
+  None when it sets none."""
+  if config.init.flamingo_workdir:
+    return Pretrained(config.init.flamingo_workdir, "config.init.flamingo_workdir", "flamingo",
+                      "vision", source="vision", target="vision")
   return next((t for t in FLAMINGO.pretrained(config) if t.target == "vision"), None)
 
 

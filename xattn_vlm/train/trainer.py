@@ -154,24 +154,28 @@ def create_train_state(s: Setup) -> TrainState:
 
   state = jax.jit(init, out_shardings=s.state_sharding)()
   for tower in s.stage.pretrained(s.config):
-    state.params[tower.target] = load_pretrained(s, tower)
+    if tower.target:
+      state.params[tower.target] = load_pretrained(s, tower)
+    else:
+      state = dataclasses.replace(state, params=load_pretrained(s, tower))
   return state
 
 
 def load_pretrained(s: Setup, tower: stages_lib.Pretrained) -> nnx.State:
   """The parameters of ``tower`` (an earlier run's or a Hugging Face folder's), placed with the
-  train state's shardings of ``tower.target``."""
-  sharding = s.state_sharding.params[tower.target]
+  train state's shardings of ``tower.target`` ('' = all parameters)."""
+  sharding = s.state_sharding.params[tower.target] if tower.target else s.state_sharding.params
+  abstract = s.abstract_state.params[tower.target] if tower.target else s.abstract_state.params
   if tower.hf_loader is not None:
     module = nnx.eval_shape(lambda: stages_lib.build_tower(s.config, tower.model_key))
     tower.hf_loader(module, tower.path)
     loaded = jax.device_put(nnx.state(module, nnx.Param), sharding)
   else:
-    target = checkpoint.abstract_with_shardings(s.abstract_state.params[tower.target], sharding)
+    target = checkpoint.abstract_with_shardings(abstract, sharding)
     loaded = checkpoint.load_params(
         tower.path, target, source=tower.source, stage=tower.stage,
         model_key=tower.model_key, config=s.config, setting=tower.setting)
-  _log.info("%s: loaded from %s", tower.target, tower.path)
+  _log.info("%s: loaded from %s", tower.target or "all parameters", tower.path)
   return loaded
 
 

@@ -1,0 +1,115 @@
+"""``python -m xattn_vlm.convert``: a published Flamingo-family checkpoint -> a checkpoint that
+``evaluate``, ``prompt``, ``xattn_vlm.from_pretrained`` and the trainer read.
+
+  python -m xattn_vlm.convert --from=openflamingo --preset=openflamingo_3b \\
+      --checkpoint=/models/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt \\
+      --lm=/models/mpt-1b-redpajama-200b --vision=/models/clip-vit-large-patch14 \\
+      --tokenizer=/models/gpt-neox-20b --output=/ckpt/of3b
+  python -m xattn_vlm.convert --from=idefics --checkpoint=/models/idefics-9b \\
+      --model.param_dtype=bfloat16 --output=/ckpt/idefics9b
+
+OpenFlamingo: ``--checkpoint`` is its ``checkpoint.pt``, ``--lm`` the base LM's folder,
+``--vision`` the CLIP ViT-L/14 folder, ``--tokenizer`` the tokenizer folder (default: ``--lm``)
+and ``--preset`` the model preset; ``--model.<field>=<value>`` changes a preset field (e.g.
+``--model.dtype=float32``). IDEFICS: ``--checkpoint`` is the folder (weights, config and
+tokenizer); only ``--model.dtype`` and ``--model.param_dtype`` apply. docs/checkpoints.md lists
+each published checkpoint with its command.
+
+Every tensor is mapped and every parameter filled, or the conversion fails naming each that is
+not (and each tensor of the wrong shape, and a tokenizer whose special-token ids disagree with the
+weights); ``--output`` is then not created. It is written whole or not at all: into a new
+directory beside it, renamed at the end. Tensors are read one at a time (``checkpoint.pt``
+memory-mapped), so the host holds the weights once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+import ml_collections
+
+from xattn_vlm import checkpoint
+from xattn_vlm import cli
+from xattn_vlm import console
+from xattn_vlm.inference import loading
+from xattn_vlm.models import config as model_config
+
+FORMATS = ("openflamingo", "idefics")
+_IDEFICS_FIELDS = ("dtype", "param_dtype")
+
+flags.DEFINE_enum("from", None, FORMATS, "The published checkpoint's format.")
+flags.DEFINE_string("checkpoint", None, "OpenFlamingo's checkpoint.pt, or the IDEFICS folder.")
+flags.DEFINE_string("lm", None, "OpenFlamingo: the base LM's Hugging Face folder.")
+flags.DEFINE_string("vision", None, "OpenFlamingo: the CLIP ViT-L/14 Hugging Face folder.")
+flags.DEFINE_string("preset", None, "OpenFlamingo: the model preset, e.g. openflamingo_3b "
+                    f"(one of {sorted(n for n in model_config.PRESETS if 'openflamingo' in n)}).")
+flags.DEFINE_string("tokenizer", None, "The tokenizer folder (default: --lm for OpenFlamingo, "
+                    "--checkpoint for IDEFICS).")
+config_flags.DEFINE_config_dict("model", model_config.openflamingo_3b(),
+                                 "Changes to the preset's fields, e.g. --model.dtype=float32 "
+                                 "(the default shown is openflamingo_3b's).")
+flags.DEFINE_string("output", None, "The new directory to write (must not exist).")
+flags.mark_flags_as_required(["from", "checkpoint", "output"])
+FLAGS = flags.FLAGS
+
+
+def _changes() -> dict:
+  """The ``--model.*`` fields given on the command line, by dotted name."""
+  return dict(FLAGS["model"].override_values)
+
+
+def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = None,
+            vision: str | None = None, preset: str | None = None, tokenizer: str | None = None,
+            changes: dict | None = None) -> None:
+  """Imports the published files of ``source`` (``FORMATS``) and writes them to ``output`` (see
+  the module docstring; the arguments are its flags, ``changes`` the ``--model.*`` ones)."""
+  changes = changes or {}
+  checkpoint.require_new_directory(output)
+  openflamingo_only = {"--lm": lm, "--vision": vision, "--preset": preset}
+  if source == "openflamingo":
+    missing = [name for name, value in openflamingo_only.items() if value is None]
+    if missing:
+      raise ValueError(f"--from=openflamingo needs {', '.join(missing)} too")
+    config = model_config.get_model_config(preset)
+    config.update_from_flattened_dict(changes)
+    model, config, loaded = loading.import_openflamingo(checkpoint_path, lm, vision, config,
+                                                        tokenizer)
+  else:
+    given = [name for name, value in openflamingo_only.items() if value is not None]
+    other = sorted(set(changes) - set(_IDEFICS_FIELDS))
+    if given or other:
+      raise ValueError(f"--from=idefics takes the settings from the folder: "
+                       f"{given + [f'--model.{k}' for k in other]} apply to --from=openflamingo "
+                       f"only (IDEFICS takes --model.{' and --model.'.join(_IDEFICS_FIELDS)})")
+    model, config, loaded = loading.import_idefics(checkpoint_path, tokenizer, **changes)
+  origin = {"format": source, "checkpoint": os.path.abspath(checkpoint_path)}
+  for name, value in (("lm", lm), ("vision", vision), ("preset", preset),
+                      ("tokenizer", tokenizer)):
+    if value is not None:
+      origin[name] = value if name == "preset" else os.path.abspath(value)
+  saved = ml_collections.ConfigDict(dict(stage="flamingo", model=config,
+                                         converted_from=origin))
+  checkpoint.save_flamingo(output, model, saved, loaded)
+
+
+def main() -> None:
+  def job():
+    if FLAGS["from"].value == "openflamingo":
+      try:
+        import torch  # pylint: disable=import-outside-toplevel,unused-import
+      except ImportError:
+        cli.fail("convert", "reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
+                 "pip install 'xattn_vlm[convert]'")
+    convert(FLAGS["from"].value, FLAGS.checkpoint, FLAGS.output, lm=FLAGS.lm,
+            vision=FLAGS.vision, preset=FLAGS.preset, tokenizer=FLAGS.tokenizer,
+            changes=_changes())
+    console.say(f"wrote {FLAGS.output}: python -m xattn_vlm.prompt --checkpoint={FLAGS.output} "
+                "--image=... --text=...")
+
+  cli.run(job, name="convert", doc=__doc__, module=__name__)
+
+
+if __name__ == "__main__":
+  main()
