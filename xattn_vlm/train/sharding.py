@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -201,6 +201,20 @@ def check_fsdp(abstract: nnx.State, shardings: nnx.State, mesh: Mesh, min_size: 
           f"{tuple(x.shape)} ({math.prod(x.shape):,} elements >= config.sharding.fsdp_min_size="
           f"{min_size:,}) is not sharded over fsdp (spec {sharding.spec}); map one of its logical "
           f"axes to 'fsdp' in config.sharding.rules or pick an fsdp size that divides it")
+
+
+def activation_constraint(mesh: Mesh, rules: Rules) -> Callable[[jax.Array, Sequence], jax.Array]:
+  """The constraint ``models.layers.activation_sharding`` applies to activations: their logical
+  names through the same rules as the parameters' (the batch over data x fsdp, heads and mlp
+  over tensor), an axis the rules do not name unsharded."""
+  sizes = dict(mesh.shape)
+
+  def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    named = {name: rules.get(name, ()) for name in logical if name is not None}
+    spec = logical_to_spec(logical, x.shape, named, sizes, "an activation")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return constrain
 
 
 def batch_spec(rules: Rules, mesh: Mesh) -> P:
