@@ -3,8 +3,8 @@
 Each (config, topology) cell is one subprocess running the plan CLI with ``--json`` (one compile at
 a time: libtpu's compile of a paper-size step takes many minutes and GiBs of host memory), on
 ``experiments/<config>.py:mesh=tpu`` (``--preset``) with the experiment's own global batch (the
-paper's). The preset's mesh is sized for one slice; on another topology its ``tensor`` axis is
-kept, ``fsdp`` capped at the devices left over and ``data`` takes the rest (``fitted_mesh``).
+paper's). The preset's mesh is sized for one slice; on a smaller topology the plan fits it
+(``xattn_vlm.plan.plans.fit_mesh``: ``tensor`` kept, ``fsdp`` capped, ``data`` the rest).
 Topologies run in order of chip count per TPU generation; after the first that fits, only
 ``--after_fit`` larger ones are planned (a step that fits on N chips fits on more). Prints a
 Markdown table: config, topology, chips, mesh, memory per chip against its HBM, fits, predicted
@@ -35,6 +35,8 @@ from absl import flags
 
 from xattn_vlm import cli
 from xattn_vlm.plan import report
+from xattn_vlm.train import sharding
+from xattn_vlm.train.configs import MESH_AXES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -74,40 +76,32 @@ def chips(topology: str) -> int:
   return math.prod(int(d) for d in topology.partition(":")[2].split("x"))
 
 
-def fitted_mesh(preset: dict[str, int], devices: int) -> dict[str, int]:
-  """The preset's mesh for ``devices``: its tensor axis (at most the devices), fsdp capped at the
-  devices left over, data the rest."""
-  tensor = min(preset["tensor"], devices)
-  fsdp = min(preset["fsdp"], devices // tensor)
-  return dict(data=devices // (fsdp * tensor), fsdp=fsdp, tensor=tensor)
-
-
-def preset_mesh(config: str, preset: str) -> dict[str, int]:
-  """``experiments/<config>.py:<preset>``'s mesh sizes."""
+def planned_mesh(config: str, preset: str, devices: int) -> dict[str, int]:
+  """The mesh the plan of ``experiments/<config>.py:<preset>`` on ``devices`` uses (the preset's,
+  fitted to them: ``sharding.fitted_mesh_shape``)."""
   spec = importlib.util.spec_from_file_location(config, REPO / "experiments" / f"{config}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  mesh = module.get_config(preset).mesh
-  return dict(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor)
+  shape = sharding.fitted_mesh_shape(module.get_config(preset).mesh, devices)
+  return dict(zip(MESH_AXES, shape))
 
 
-def plan_command(config: str, preset: str, topology: str, mesh: dict[str, int], json_path: str,
+def plan_command(config: str, preset: str, topology: str, json_path: str,
                  overrides: Sequence[str] = ()) -> list[str]:
   return [sys.executable, "-m", "xattn_vlm.plan", f"--config=experiments/{config}.py:{preset}",
           f"--topology={topology}", f"--json={json_path}",
-          *[f"--config.mesh.{axis}={size}" for axis, size in mesh.items()],
           *[f"--{o.removeprefix('--')}" for o in overrides]]
 
 
 def run_plan(config: str, preset: str, topology: str, overrides: Sequence[str] = (),
              timeout: float = 3600) -> Cell:
   """Plans one cell in a subprocess (``python -m xattn_vlm.plan --json``)."""
-  cell = Cell(config, topology, fitted_mesh(preset_mesh(config, preset), chips(topology)))
+  cell = Cell(config, topology, planned_mesh(config, preset, chips(topology)))
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / "plan.json"
     start = time.perf_counter()
     try:
-      command = plan_command(config, preset, topology, cell.mesh, str(path), overrides)
+      command = plan_command(config, preset, topology, str(path), overrides)
       result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
       cell.error = f"no plan within {timeout:.0f} s"

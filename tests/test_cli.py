@@ -102,3 +102,14 @@ def test_console_is_quiet_and_the_log_file_has_the_details(tmp_path):
     assert not [line for line in done.stderr.splitlines() if line[:1] == "I" or "INFO" in line]
   assert len(result.stdout.splitlines()) == 1
   assert summary.stdout.splitlines()[2].startswith("| tiny | 22.3k |")
+
+
+def test_an_error_in_a_config_file_is_one_line_without_its_traceback():
+  """ml_collections puts the config file's traceback into its flag error; only the error's own
+  line is shown."""
+  result = run("xattn_vlm.train", "--config=experiments/tiny_test.py:nonsense=1",
+               "--workdir=/tmp/unused")
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      "xattn-train: error: flag --config=experiments/tiny_test.py:nonsense=1: config preset "
+      "'nonsense=1': unknown setting 'nonsense'; expected one of ['stage']"]

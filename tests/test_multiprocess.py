@@ -1,5 +1,6 @@
-"""Multi-host training on one machine: ``launch/local_multiprocess.sh`` runs
-``python -m xattn_vlm.train --multiprocess`` as 2 processes x 4 CPU devices on 127.0.0.1.
+"""Multi-host runs on one machine: ``launch/local_multiprocess.sh`` runs
+``python -m xattn_vlm.train --multiprocess`` and ``python -m xattn_vlm.evaluate --multiprocess``
+as 2 processes x 4 CPU devices on 127.0.0.1.
 
 """
 
@@ -27,11 +28,12 @@ LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
-def _launch(tmp_path, name: str, launcher_args, command) -> tuple[subprocess.Popen, pathlib.Path]:
+def _launch(tmp_path, name: str, launcher_args, command,
+            processes: int = 2) -> tuple[subprocess.Popen, pathlib.Path]:
   """Starts the launcher; its output (process 0's and its own) goes to ``<name>.log``."""
   log = tmp_path / f"{name}.log"
   process = subprocess.Popen(
-      [str(LAUNCHER), f"--log_dir={tmp_path / name}", *launcher_args, "2", *command],
+      [str(LAUNCHER), f"--log_dir={tmp_path / name}", *launcher_args, str(processes), *command],
       cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
   return process, log
 
@@ -175,3 +177,78 @@ def test_launcher_rejects_bad_arguments(args, message):
   result = subprocess.run([str(LAUNCHER), *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True)
   assert result.returncode == 2 and message in result.stderr
+
+
+# 16 shapes-world VQA queries at 0 and 2 shots: 8 per process, in batches of 4 (one per device).
+EVAL_QUERIES = 16
+EVAL_SHOTS = (0, 2)
+
+
+def _evaluate_command(checkpoint_dir, output_dir) -> list[str]:
+  return [sys.executable, "-m", "xattn_vlm.evaluate", "--multiprocess",
+          f"--checkpoint={checkpoint_dir}", f"--output_dir={output_dir}",
+          "--eval.tasks=shapes_vqa", f"--eval.shots={','.join(map(str, EVAL_SHOTS))}",
+          "--eval.trials=1", f"--eval.shapes.num_queries={EVAL_QUERIES}",
+          "--eval.shapes.pool_size=32", "--eval.batch_size=4", "--eval.num_beams=1"]
+
+
+def _logged(output_dir: pathlib.Path, shots: int) -> list[dict]:
+  """Every line of every process's prediction log of a cell, in file order."""
+  folder = output_dir / "predictions" / "shapes_vqa"
+  return [json.loads(line) for path in sorted(folder.glob(f"{shots}shot_trial0*.jsonl"))
+          for line in path.read_text().splitlines()]
+
+
+def _predictions(output_dir: pathlib.Path) -> dict[int, dict[int, str]]:
+  return {shots: {row["id"]: row["output"] for row in _logged(output_dir, shots)}
+          for shots in EVAL_SHOTS}
+
+
+@pytest.mark.slow
+def test_evaluation_over_two_processes_equals_one_and_resumes_after_a_kill(tmp_path):
+  """A tiny checkpoint evaluated (1) by one process, (2) by two, and (3) by two of which one is
+  SIGKILLed once it has logged predictions, then rerun: the same predictions for every query and
+  the same results.json in all three; the rerun logs each query that was left exactly once and
+  repeats none."""
+  checkpoint_dir = tmp_path / "checkpoint"
+  trainer.train(tiny(**{"total_steps": 1, "checkpoint.every_steps": 1}), str(checkpoint_dir))
+
+  one, log = _launch(tmp_path, "one", [], _evaluate_command(checkpoint_dir, tmp_path / "one"),
+                     processes=1)
+  assert one.wait(timeout=600) == 0, _tail(log)
+  two, log = _launch(tmp_path, "two", [], _evaluate_command(checkpoint_dir, tmp_path / "two"))
+  assert two.wait(timeout=600) == 0, _tail(log)
+  expected = _predictions(tmp_path / "one")
+  assert [sorted(cell) for cell in expected.values()] == [list(range(EVAL_QUERIES))] * 2
+  assert len(set(expected[0].values())) > 1  # outputs that tell queries apart
+  assert _predictions(tmp_path / "two") == expected
+  assert sorted((tmp_path / "two" / "predictions" / "shapes_vqa").iterdir())[0].name == (
+      "0shot_trial0.process0.jsonl")
+  results = (tmp_path / "one" / "results.json").read_text()
+  assert (tmp_path / "two" / "results.json").read_text() == results
+
+  output_dir = tmp_path / "killed"
+  command = _evaluate_command(checkpoint_dir, output_dir)
+  first, log = _launch(tmp_path, "first", ["--heartbeat_timeout=5", "--grace=60"], command)
+  process_1_log = output_dir / "predictions" / "shapes_vqa" / "0shot_trial0.process1.jsonl"
+  deadline = time.monotonic() + 400
+  while not (process_1_log.exists() and process_1_log.read_text().count("\n")):
+    assert first.poll() is None, f"exited early:\n{_tail(log)}"
+    if time.monotonic() > deadline:
+      first.kill()
+      pytest.fail(f"process 1 logged no prediction within 400 s:\n{_tail(log)}")
+    time.sleep(0.02)
+  os.kill(int(re.search(r"process 1 pid (\d+)", log.read_text()).group(1)), 9)
+  assert first.wait(timeout=120) != 0
+  before = {shots: len(_logged(output_dir, shots)) for shots in EVAL_SHOTS}
+  assert before[EVAL_SHOTS[-1]] < EVAL_QUERIES, before  # killed before the end
+  assert not (output_dir / "results.json").exists() or (
+      (output_dir / "results.json").read_text() != results)
+
+  second, log = _launch(tmp_path, "second", [], command)
+  assert second.wait(timeout=600) == 0, _tail(log)
+  for shots in EVAL_SHOTS:
+    ids = [row["id"] for row in _logged(output_dir, shots)]
+    assert sorted(ids) == list(range(EVAL_QUERIES)), (shots, ids)  # none lost, none repeated
+  assert _predictions(output_dir) == expected
+  assert (output_dir / "results.json").read_text() == results

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import MESH_222, REPO, SGD, experiment_config, tiny
 from xattn_vlm.plan import analytic
@@ -143,3 +145,74 @@ def test_analytic_plan_counts_recomputation_only_under_remat():
   assert none.model_flops == full.model_flops
   assert none.device_flops * 8 == pytest.approx(none.model_flops)
   assert full.device_flops > none.device_flops
+
+
+def _mesh(**sizes):
+  return ml_collections.ConfigDict(dict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1), **sizes))
+
+
+def test_a_mesh_larger_than_the_slice_is_fitted_keeping_tensor():
+  fit = sharding_lib.fitted_mesh_shape
+  paper = _mesh(fsdp=128, tensor=8)
+  assert fit(paper, 2048) == sharding_lib.mesh_shape(paper, 2048) == (2, 128, 8)
+  assert fit(paper, 512) == (1, 64, 8)
+  assert fit(paper, 96) == (1, 12, 8)  # the largest fsdp that divides what tensor leaves
+  assert fit(_mesh(data=4, fsdp=8, tensor=2), 8) == (1, 4, 2)
+  assert fit(_mesh(data=4, fsdp=-1, tensor=4), 8) == (1, 2, 4)
+  assert fit(_mesh(fsdp=128, tensor=8, dcn_data=2), 64) == (2, 4, 8)  # 32 devices per slice
+  with pytest.raises(ValueError, match=r"config\.mesh: data x fsdp x tensor = -1 x 128 x 8 does "
+                                       r"not fit 4 devices, and tensor=8 cannot be kept on the 4 "
+                                       r"devices; set config\.mesh\.tensor to a divisor of 4"):
+    fit(paper, 4)
+  with pytest.raises(ValueError, match=r"config\.mesh\.dcn_data=3: expected a number of slices "
+                                       r"that divides the 64 devices"):
+    fit(_mesh(fsdp=128, tensor=8, dcn_data=3), 64)
+
+
+def _plan_cli(*args):
+  return subprocess.run([sys.executable, "-m", "xattn_vlm.plan", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_plan_of_80b_on_a_smaller_slice_fits_the_mesh_or_fails_in_one_line():
+  """Flamingo-80B's TPU mesh (fsdp 128 x tensor 8) on 8 v5e chips: planned on data 1 x fsdp 1 x
+  tensor 8, which the train state alone overfills (no compile); on 4 chips tensor 8 cannot be
+  kept: one line naming config.mesh and the device count, exit 2."""
+  fitted = _plan_cli("--config=experiments/flamingo_80b.py", "--topology=v5e:2x4")
+  assert fitted.returncode == 1, fitted.stderr[-3000:]
+  assert ("config.mesh data -1 x fsdp 128 x tensor 8 does not fit the 8 devices of TPU topology "
+          "v5e:2x4; planning data 1 x fsdp 1 x tensor 8") in fitted.stdout
+  (line,) = fitted.stderr.splitlines()  # libtpu, told there is no TPU here, stays quiet
+  assert line.startswith("does not fit: the train state alone takes")
+  failed = _plan_cli("--config=experiments/flamingo_80b.py", "--topology=v5e:2x2")
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert failed.stderr.splitlines() == [(
+      "xattn-plan: error: config.mesh: data x fsdp x tensor = -1 x 128 x 8 does not fit 4 "
+      "devices, and tensor=8 cannot be kept on the 4 devices; set config.mesh.tensor to a "
+      "divisor of 4")]
+
+
+def test_80b_on_128_chips_shards_its_largest_parameters_over_fsdp_and_tensor():
+  """The plan's setup of Flamingo-80B on a v5p 4x4x8 slice, abstract only (``jax.eval_shape``,
+  no compile): the mesh fitted to data 1 x fsdp 16 x tensor 8, every large parameter cut into
+  128 pieces, and the train state a 128th of its unsharded size per chip."""
+  config = experiment_config("flamingo_80b", "mesh=tpu")
+  devices = compile_lib.tpu_devices("v5p:4x4x8")
+  config, fitted_from = plans.fit_mesh(config, len(devices), "v5p:4x4x8")
+  assert fitted_from == "data -1 x fsdp 128 x tensor 8"
+  mesh = sharding_lib.create_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 8}
+  s, batches, (_, total) = plans.setup(config, mesh)
+  assert total > 70e9
+  params, shardings = s.abstract_state.params, s.state_sharding.params
+  largest = sharding_lib.describe(params, shardings, top=4)
+  assert all(line.endswith(("P('fsdp', 'tensor')", "P('tensor', 'fsdp')")) for line in largest)
+  for (path, x), sharding in plans.with_shardings(params, shardings):
+    if x.size >= 2**24:
+      assert isinstance(sharding, NamedSharding) and sharding.mesh.shape == mesh.shape
+      pieces = x.size // np.prod(sharding.shard_shape(x.shape))
+      assert pieces == 128, (sharding_lib.path_name(path), sharding.spec)
+  unsharded = sum(plans.nbytes(x) for x in jax.tree.leaves(s.abstract_state))
+  per_chip = plans.device_bytes(s.abstract_state, s.state_sharding)
+  assert unsharded / 128 <= per_chip < 1.01 * unsharded / 128
+  assert batches["interleaved"]["input_ids"].sharding.spec == P("fsdp", None)

@@ -3,11 +3,11 @@
 from benchmarks import plan_table
 
 
-def test_fitted_mesh_keeps_tensor_and_caps_fsdp():
-  preset = dict(data=-1, fsdp=128, tensor=8)
-  assert plan_table.fitted_mesh(preset, 2048) == dict(data=2, fsdp=128, tensor=8)
-  assert plan_table.fitted_mesh(preset, 512) == dict(data=1, fsdp=64, tensor=8)
-  assert plan_table.fitted_mesh(preset, 4) == dict(data=1, fsdp=1, tensor=4)
+def test_planned_mesh_is_the_preset_fitted_to_the_topology():
+  assert plan_table.planned_mesh("flamingo_80b", "mesh=tpu", 2048) == dict(data=2, fsdp=128,
+                                                                           tensor=8)
+  assert plan_table.planned_mesh("flamingo_80b", "mesh=tpu", 512) == dict(data=1, fsdp=64,
+                                                                          tensor=8)
   assert plan_table.chips("v5p:4x4x8") == 128 and plan_table.chips("v5e:16x16") == 256
 
 

@@ -321,3 +321,37 @@ def test_a_relative_workdir_trains_saves_and_loads(tmp_path, monkeypatch):
   assert sorted(p.name for p in (tmp_path / "runs/relative/checkpoints").iterdir()) == ["1", "2"]
   model = checkpoint.load_flamingo("runs/relative")
   assert model.config.lm.num_layers == config.model.lm.num_layers
+
+
+def _one_step(config):
+  """Loss and gradient norm of the trainer's jitted step on the first batches, and the step's
+  lowered text."""
+  s = trainer.setup(config)
+  state = trainer.create_train_state(s)
+  iterator = input_pipeline.create_iterator(config, process_index=0, process_count=1)
+  local = next(iterator)
+  iterator.close()
+  batches = sharding_lib.global_batch(local, s.mesh, sharding_lib.batch_spec(s.rules, s.mesh))
+  weights = {name: dataset.weight for name, dataset in config.data.datasets.items()}
+  step = trainer.jit_train_step(s, weights, jax.tree.map(lambda x: x.sharding, batches))
+  text = step.lower(state, batches).as_text()
+  _, metrics = step(state, batches)
+  metrics = jax.device_get(metrics)
+  return float(metrics["loss"]), float(metrics["grad_norm"]), text
+
+
+def test_activation_constraints_keep_the_loss_of_one_device():
+  """Activations at block boundaries are constrained by the parameters' rules (batch over data x
+  fsdp, heads and mlp over tensor): on an fsdp mesh of 8 devices, and on fsdp 4 x tensor 2, the
+  jitted step holds those constraints and gives the unsharded step's loss and gradient norm."""
+  one = _one_step(tiny(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}))
+  fsdp = _one_step(tiny(**{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1}))
+  mixed = _one_step(tiny(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}))
+  for loss, grad_norm, _ in (fsdp, mixed):
+    np.testing.assert_allclose([loss, grad_norm], one[:2], rtol=2e-5)
+  # Each LM block's residual stream [B=8, L=32, D=32] in and out, the batch over fsdp.
+  residual = '<@mesh, [{"fsdp"}, {}, {}]> : tensor<8x32x32xf32>'
+  assert fsdp[2].count(residual) >= 2 * tiny().model.lm.num_layers
+  # The LM's attention [B, L, H, Dh] and MLP [B, L, mlp] with heads and mlp over tensor.
+  assert '<@mesh, [{"fsdp"}, {}, {"tensor"}, {}]> : tensor<8x32x2x8xf32>' in mixed[2]
+  assert '<@mesh, [{"fsdp"}, {}, {"tensor"}]> : tensor<8x32x64xf32>' in mixed[2]

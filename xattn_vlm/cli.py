@@ -41,8 +41,15 @@ FLAGS = flags.FLAGS
 _SELF_EXPLAINED = (ValueError, KeyError, FileNotFoundError, flags.Error)
 
 
+# ml_collections puts a config file's whole traceback into the flag error after this.
+_CONFIG_FILE_ERROR = "Error whilst parsing config file:"
+
+
 def _message(error: BaseException) -> str:
   text = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+  if _CONFIG_FILE_ERROR in str(text):
+    flag, _, trace = str(text).partition(_CONFIG_FILE_ERROR)
+    text = flag + trace.strip().splitlines()[-1].removeprefix("ValueError: ")
   text = " ".join(str(text).split()) or type(error).__name__
   return text if isinstance(error, _SELF_EXPLAINED) else f"{type(error).__name__}: {text}"
 

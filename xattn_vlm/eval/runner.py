@@ -312,6 +312,8 @@ class Evaluator:
     log = results_lib.PredictionLog(cell.log_path(self.output_dir, self.process, self.processes))
     pending = set(log.pending([q["id"] for q in queries]))
     bar.update(len(queries) - len(pending))
+    if self.processes > 1:
+      self._shape(cell)  # a collective: every process takes part, pending queries or not
     if pending:
       prompts = self.prompts(cell)
       length, num_images = self._shape(cell)
@@ -343,9 +345,9 @@ class Evaluator:
 
   def _shape(self, cell: Cell) -> tuple[int, int]:
     """The padded prompt length and image slots of a cell's batches (so one compiled program
-    serves all of them): its longest prompt rounded up to a multiple of 16, within the model's
-    context, and shots + 1 images; the maximum over the task's cells with
-    ``one_shape_per_task``."""
+    serves all of them): its longest prompt (over every process's queries) rounded up to a
+    multiple of 16, within the model's context, and shots + 1 images; the maximum over the task's
+    cells with ``one_shape_per_task``."""
     key = cell.task.name if self.config.one_shape_per_task else cell
     if key not in self._shapes:
       self._shapes[key] = self._longest_shape(cell)
@@ -356,7 +358,12 @@ class Evaluator:
     if self.config.one_shape_per_task:
       cells = [c for c in self.cells() if c.task == cell.task]
     encode = self.processor.tokenizer.encode
-    longest = max(len(encode(prompt.text)) for c in cells for prompt, _ in self.prompts(c))
+    longest = max((len(encode(prompt.text)) for c in cells for prompt, _ in self.prompts(c)),
+                  default=0)
+    if self.processes > 1:
+      # Every process pads to the longest prompt of all of them: the shapes, and so the
+      # predictions, are those of a one-process run.
+      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
     new = self._continuation_tokens(cell)
     context = self.model.config.lm.max_length
     if longest + new > context:

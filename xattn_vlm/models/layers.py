@@ -4,14 +4,18 @@ Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv`
 ``latents``, ``media``) as ``out_sharding`` metadata; the trainer maps them to mesh axes with a
 rules table, so nothing here knows about meshes. Variables are created unsharded
 (``eager_sharding=False``): the trainer shards them through ``jax.jit(..., out_shardings=...)``.
+Activations at block boundaries are named the same way (``constrain``); the trainer turns the
+names into sharding constraints while it traces a step (``activation_sharding``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +48,34 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes, dtyp
     raise ValueError(f"axes {axes} do not match parameter shape {tuple(shape)}")
   return nnx.Param(init(init_key(rngs), tuple(shape), dtype), out_sharding=axes,
                    eager_sharding=False)
+
+
+Constraint = Callable[[jax.Array, Axes], jax.Array]
+_constraint: contextvars.ContextVar[Constraint | None] = contextvars.ContextVar(
+    "activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(constraint: Constraint) -> Iterator[None]:
+  """Within the block, ``constrain(x, axes)`` is ``constraint(x, axes)`` (the trainer's: logical
+  names to a sharding constraint on its mesh); outside, activations are left to XLA."""
+  token = _constraint.set(constraint)
+  try:
+    yield
+  finally:
+    _constraint.reset(token)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """``x`` with logical axis names ``axes`` (one per dim), for ``activation_sharding``."""
+  constraint = _constraint.get()
+  return x if constraint is None else constraint(x, axes)
+
+
+def batch_axes(x: jax.Array, last: str | None = None) -> Axes:
+  """The logical axes of an activation whose leading dim is the batch (images flattened into it
+  keep the batch major) and whose trailing dim is ``last``: ``("batch", None, ..., last)``."""
+  return ("batch",) + (None,) * (x.ndim - 2) + (last,)
 
 
 def _as_tuple(x: Shape) -> tuple[int, ...]:
@@ -213,8 +245,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.gate is not None:
-      return self.down(self.act(self.gate(x)) * self.up(x))
-    return self.down(self.act(self.up(x)))
+      hidden = self.act(self.gate(x)) * self.up(x)
+    else:
+      hidden = self.act(self.up(x))
+    return self.down(constrain(hidden, batch_axes(hidden, "mlp")))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
@@ -291,6 +325,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   hkv = k.shape[1]
   if h % hkv:
     raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+  q = constrain(q, ("batch", None, "heads", None))
+  k = constrain(k, ("batch", "heads", None, None))
+  v = constrain(v, ("batch", "heads", None, None))
   g = h // hkv
   q = q * jnp.asarray(1 / math.sqrt(dh), q.dtype)
   qg = q.reshape(b, l, hkv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * l, dh)
@@ -310,7 +347,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   out = jnp.einsum("bkqs,bksd->bkqd", scores.astype(v.dtype).reshape(b, hkv, g * l, -1), v,
                    preferred_element_type=jnp.float32)
   out = (out / total).astype(v.dtype)
-  return out.reshape(b, hkv, g, l, dh).transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
+  out = out.reshape(b, hkv, g, l, dh).transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
+  return constrain(out, ("batch", None, "heads", None))
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,

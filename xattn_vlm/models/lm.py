@@ -132,11 +132,14 @@ class DecoderBlock(nnx.Module):
                kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
                bias: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    x = layers.constrain(x, layers.batch_axes(x))
     h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index, bias)
     if self.parallel_residual:
-      return x + h + self.mlp(self.mlp_norm(x)), kv
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), kv
+      x = x + h + self.mlp(self.mlp_norm(x))
+    else:
+      x = x + h
+      x = x + self.mlp(self.mlp_norm(x))
+    return layers.constrain(x, layers.batch_axes(x)), kv
 
 
 def make_norm(cfg: ml_collections.ConfigDict, **kw) -> layers.LayerNorm | layers.RMSNorm:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, dot_product_attention,
-                                     materialize_gradient, param)
+from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, constrain,
+                                     dot_product_attention, materialize_gradient, param)
 
 NORM_EPS = 1e-5  # torch's LayerNorm default, which the reference implementations use
 
@@ -107,8 +107,10 @@ class PerceiverResamplerLayer(nnx.Module):
 
   def __call__(self, media: jax.Array, latents: jax.Array,
                media_mask: jax.Array | None) -> jax.Array:
+    latents = constrain(latents, batch_axes(latents))
     latents = latents + self.attn(media, latents, media_mask)
-    return latents + self.ff(latents)
+    latents = latents + self.ff(latents)
+    return constrain(latents, batch_axes(latents))
 
 
 class PerceiverResampler(nnx.Module):

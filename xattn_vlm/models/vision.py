@@ -20,7 +20,8 @@ import ml_collections
 from flax import nnx
 
 from xattn_vlm.models import remat as remat_lib
-from xattn_vlm.models.layers import MLP, Dense, LayerNorm, dot_product_attention, param
+from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, constrain,
+                                     dot_product_attention, param)
 
 
 def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
@@ -59,8 +60,10 @@ class EncoderBlock(nnx.Module):
     self.mlp = MLP(cfg.width, cfg.mlp_dim, act=cfg.activation, gated=False, use_bias=True, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = constrain(x, batch_axes(x))
     x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
+    x = x + self.mlp(self.layer_norm2(x))
+    return constrain(x, batch_axes(x))
 
 
 def _run_block(block: EncoderBlock, x: jax.Array) -> jax.Array:

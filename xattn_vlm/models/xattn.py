@@ -121,6 +121,7 @@ class GatedCrossAttentionBlock(nnx.Module):
 
   def __call__(self, y: jax.Array, media_kv: tuple[jax.Array, jax.Array],
                mask: jax.Array) -> jax.Array:
+    y = layers.constrain(y, layers.batch_axes(y))
     y = y + jnp.tanh(self.attn_gate[...]).astype(y.dtype) * self.attn(y, media_kv, mask)
     y = y + jnp.tanh(self.ffw_gate[...]).astype(y.dtype) * self.ffw(self.ffw_norm(y))
-    return y
+    return layers.constrain(y, layers.batch_axes(y))

@@ -82,6 +82,7 @@ def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
     raise ValueError(f"--gpu={gpu}:{count}: unknown GPU {gpu!r}; expected one of "
                      f"{sorted(GPU_CHIPS)}")
   chip = GPU_CHIPS[gpu]
+  config, fitted_from = plans.fit_mesh(config, count, f"{count} x {chip.name}")
   shape = sharding_lib.mesh_shape(config.mesh, count)
   mesh = AbstractMesh(shape, configs.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
   s, batches, parameters = plans.setup(config, mesh)
@@ -114,4 +115,4 @@ def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
       compute_basis="roofline max(FLOPs / peak, HBM bytes / bandwidth)",
       communication_bytes=plans.communication_bytes(s),
       largest=sharding_lib.describe(params, s.state_sharding.params, top),
-      parameters=parameters, batch_shapes=shapes)
+      parameters=parameters, batch_shapes=shapes, fitted_from=fitted_from)

@@ -31,9 +31,22 @@ def allow_libtpu_in_several_processes() -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def describe_no_local_tpu() -> None:
+  """On a host without TPU chips, tells libtpu so (``TPU_ACCELERATOR_TYPE``,
+  ``TPU_WORKER_HOSTNAMES``, unless set): otherwise it prints several lines of errors while it
+  looks for a TPU VM's metadata, before any plan or one-line error. These describe the local
+  host only; what is compiled for comes from the topology."""
+  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def tpu_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
   """The devices of a Cloud TPU topology such as ``v5p:8x8x8`` (libtpu's compiler; no TPU)."""
   allow_libtpu_in_several_processes()
+  describe_no_local_tpu()
   try:
     description = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                                num_slices=num_slices)
@@ -61,10 +74,12 @@ def memory_analysis(compiled) -> plans.Memory:
 def compile_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], target: str,
                  top: int = 8) -> plans.Plan:
   """Compiles the update step of ``config`` for ``devices`` (a TPU topology's, or CPU devices)
-  and reads XLA's memory and cost analyses. Raises ``ValueError`` naming the setting when the
+  and reads XLA's memory and cost analyses; a config's mesh that does not fit the devices is
+  fitted to them (``plans.fit_mesh``). Raises ``ValueError`` naming the setting when the
   config does not suit the devices, ``DoesNotFitError`` when the train state alone (exact bytes
   from its shardings, no compile: minutes saved at paper size) or XLA's placement of the step
   exceeds the device memory, and XLA's own error for other compilation failures."""
+  config, fitted_from = plans.fit_mesh(config, len(devices), target)
   mesh = sharding_lib.create_mesh(config.mesh, devices)
   device = mesh.devices.flat[0]
   chip = TPU_CHIPS.get(device.device_kind) if device.platform == "tpu" else None
@@ -108,4 +123,5 @@ def compile_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
       compute_basis="XLA's cost model: compute and HBM traffic per op",
       communication_bytes=plans.communication_bytes(s),
       largest=sharding_lib.describe(s.abstract_state.params, s.state_sharding.params, top),
-      parameters=parameters, batch_shapes=plans.shapes(batches), seconds=seconds, compiled=compiled)
+      parameters=parameters, batch_shapes=plans.shapes(batches), seconds=seconds, compiled=compiled,
+      fitted_from=fitted_from)

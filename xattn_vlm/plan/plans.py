@@ -3,6 +3,7 @@ parts every way of making one shares (the trainer's setup and abstract batches, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -13,12 +14,14 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from xattn_vlm import console
 from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.parameters import size
 from xattn_vlm.plan.chips import Chip, bandwidth
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import sharding as sharding_lib
 from xattn_vlm.train import trainer
+from xattn_vlm.train.configs import MESH_AXES
 
 
 class DoesNotFitError(ValueError):
@@ -66,6 +69,7 @@ class Plan:
   parameters: tuple[int, int]  # (trainable, total)
   batch_shapes: dict[str, dict[str, tuple[int, ...]]]
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # lower / compile time
+  fitted_from: str = ""  # the config's mesh, when ``fit_mesh`` fitted it to the target
   compiled: Any = None  # the ``jax.stages.Compiled`` step (compiled plans only)
 
   @property
@@ -105,6 +109,28 @@ class Plan:
       return None
     per_second = self.num_devices * self.device_peak
     return tuple(self.model_flops / (t * per_second) for t in reversed(self.step_seconds))
+
+
+def mesh_text(sizes) -> str:
+  """``data 1 x fsdp 64 x tensor 8`` for sizes in ``MESH_AXES`` order."""
+  return " x ".join(f"{axis} {size}" for axis, size in zip(MESH_AXES, sizes))
+
+
+def fit_mesh(config: ml_collections.ConfigDict, num_devices: int,
+             target: str) -> tuple[ml_collections.ConfigDict, str]:
+  """``config`` with its mesh fitted to ``num_devices`` (``sharding.fitted_mesh_shape``) and,
+  when that changed it, the config's own mesh as text (else ""), said on the console: a paper
+  config names the mesh of its largest slice, and a plan for a smaller one should still run."""
+  shape = sharding_lib.fitted_mesh_shape(config.mesh, num_devices)
+  given = [int(config.mesh[axis]) for axis in MESH_AXES]
+  if num_devices % math.prod(s for s in given if s != -1) == 0:
+    return config, ""
+  fitted = copy.deepcopy(config)
+  fitted.mesh.update(dict(zip(MESH_AXES, shape)))
+  console.say(f"config.mesh {mesh_text(given)} does not fit the {num_devices} devices of {target}; "
+              f"planning {mesh_text(shape)} (tensor kept, fsdp capped, data the rest; set "
+              f"--config.mesh.* to choose another)")
+  return fitted, mesh_text(given)
 
 
 def shapes(batches) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -26,7 +26,8 @@ def report(plan: Plan) -> str:
   lines = [
       f"target: {plan.target}; {plan.method}",
       "mesh: " + " x ".join(f"{k} {v}" for k, v in plan.mesh_shape.items())
-      + f" = {plan.num_devices} devices",
+      + f" = {plan.num_devices} devices"
+      + (f" (config.mesh {plan.fitted_from}, fitted to the target)" if plan.fitted_from else ""),
       f"parameters: {total:,} ({trainable:,} trainable); batch per step: {batches}",
       "largest parameters (shape -> sharding):",
       *[f"  {line}" for line in plan.largest],

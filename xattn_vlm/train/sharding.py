@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -28,17 +28,47 @@ _log = logging.getLogger(__name__)
 Rules = Mapping[str, tuple[str, ...]]
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Axis sizes (data, fsdp, tensor) with at most one -1 resolved to the rest of the devices."""
+def _mesh_sizes(mesh_config: ml_collections.ConfigDict) -> list[int]:
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"config.mesh: expected positive sizes with at most one -1 (the rest), got "
                      f"data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}")
+  return sizes
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Axis sizes (data, fsdp, tensor) with at most one -1 resolved to the rest of the devices."""
+  sizes = _mesh_sizes(mesh_config)
   known = math.prod(s for s in sizes if s != -1)
   if num_devices % known:
     raise ValueError(f"config.mesh: data x fsdp x tensor = {known} (ignoring -1) must divide the "
                      f"{num_devices} devices; set sizes whose product divides {num_devices}")
   return tuple(num_devices // known if s == -1 else s for s in sizes)
+
+
+def fitted_mesh_shape(mesh_config: ml_collections.ConfigDict,
+                      num_devices: int) -> tuple[int, int, int]:
+  """``mesh_shape``, or, when the config's mesh does not divide ``num_devices`` (a config written
+  for a larger slice), that mesh fitted to them: ``tensor`` kept, ``fsdp`` the largest divisor of
+  the devices left per DCN slice that is at most the config's (all of them for -1), ``data`` the
+  rest. Raises ``ValueError`` naming ``config.mesh`` when ``tensor`` cannot be kept."""
+  sizes = _mesh_sizes(mesh_config)
+  if not num_devices % math.prod(s for s in sizes if s != -1):
+    return mesh_shape(mesh_config, num_devices)
+  _, fsdp, tensor = sizes
+  slices = int(mesh_config.dcn_data)
+  if slices < 1 or num_devices % slices:
+    raise ValueError(f"config.mesh.dcn_data={slices}: expected a number of slices that divides "
+                     f"the {num_devices} devices")
+  per_slice = num_devices // slices
+  where = f"the {per_slice} devices" + (" of each slice" if slices > 1 else "")
+  if tensor == -1 or per_slice % tensor:
+    raise ValueError(f"config.mesh: data x fsdp x tensor = {sizes[0]} x {fsdp} x {tensor} does not "
+                     f"fit {num_devices} devices, and tensor={tensor} cannot be kept on {where}; "
+                     f"set config.mesh.tensor to a divisor of {per_slice}")
+  rest = per_slice // tensor
+  fsdp = rest if fsdp == -1 else max(d for d in range(1, min(fsdp, rest) + 1) if rest % d == 0)
+  return num_devices // (fsdp * tensor), fsdp, tensor
 
 
 def create_mesh(mesh_config: ml_collections.ConfigDict,
@@ -171,6 +201,20 @@ def check_fsdp(abstract: nnx.State, shardings: nnx.State, mesh: Mesh, min_size: 
           f"{tuple(x.shape)} ({math.prod(x.shape):,} elements >= config.sharding.fsdp_min_size="
           f"{min_size:,}) is not sharded over fsdp (spec {sharding.spec}); map one of its logical "
           f"axes to 'fsdp' in config.sharding.rules or pick an fsdp size that divides it")
+
+
+def activation_constraint(mesh: Mesh, rules: Rules) -> Callable[[jax.Array, Sequence], jax.Array]:
+  """The constraint ``models.layers.activation_sharding`` applies to activations: their logical
+  names through the same rules as the parameters' (the batch over data x fsdp, heads and mlp
+  over tensor), an axis the rules do not name unsharded."""
+  sizes = dict(mesh.shape)
+
+  def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    named = {name: rules.get(name, ()) for name in logical if name is not None}
+    spec = logical_to_spec(logical, x.shape, named, sizes, "an activation")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return constrain
 
 
 def batch_spec(rules: Rules, mesh: Mesh) -> P:

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from xattn_vlm import checkpoint
 from xattn_vlm import console
 from xattn_vlm import lock
+from xattn_vlm.models import layers
 from xattn_vlm.models import parameters
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import configs
@@ -191,12 +192,19 @@ def _microbatches(batch: Mapping[str, jax.Array], k: int, mesh: Mesh,
 
 
 def make_train_step(s: Setup, weights: Mapping[str, float]) -> Callable:
-  """The update ``(state, {name: batch}) -> (state, metrics)``, not yet jitted."""
+  """The update ``(state, {name: batch}) -> (state, metrics)``, not yet jitted; the model's
+  activations at block boundaries are constrained to the mesh by the parameters' rules
+  (``sharding.activation_constraint``)."""
   stage, config, graphdef = s.stage, s.config, s.graphdef
   k = config.microbatches
   batch_axes = sharding_lib.batch_spec(s.rules, s.mesh)[0]
+  constraint = sharding_lib.activation_constraint(s.mesh, s.rules)
 
   def train_step(state: TrainState, batches):
+    with layers.activation_sharding(constraint):
+      return update(state, batches)
+
+  def update(state: TrainState, batches):
     trainable, frozen = nnx.split_state(state.params, stage.trainable, ...)
 
     def loss_and_grad(micro):
