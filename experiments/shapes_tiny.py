@@ -40,6 +40,9 @@ LEARNING_RATES = {"lm_pretrain": 3e-3, "vision_pretrain": 1e-3, "flamingo": 1e-2
 SMOKE_STEPS = {"lm_pretrain": 80, "vision_pretrain": 40, "flamingo": 80}
 CONTEXT = 384  # tokens: an 8-shot captioning prompt (about 260) plus 20 new tokens fits
 MAX_MEDIA = 9  # images: 8 demonstrations and the query
+FEWSHOT_VQA_TOKENS = 160  # an 8-shot VQA episode: about 150 tokens at most
+POOL_SIZE = 2048  # demonstrations of the training episodes come from this many train items, as in
+# the evaluation
 BINDING_SHOTS = 4  # support images of the training binding episodes (evaluated at 0, 4 and 8)
 
 
@@ -74,18 +77,25 @@ def stage_config(stage: str, steps: int) -> ml_collections.ConfigDict:
   config.data.max_images = MAX_MEDIA
   shapes = dict(num_records=100_000)
   pairs = dict(max_tokens=64, media_slots=1, **shapes)
+  fewshot = dict(max_shots=MAX_MEDIA - 1, pool_size=POOL_SIZE)
   config.data.datasets = {
       "lm_pretrain": dict(text=configs.dataset("shapes_text", batch_size=8, texts_per_record=8,
                                                **shapes)),
       "vision_pretrain": dict(pairs=configs.dataset("shapes", batch_size=64, kind="pair",
                                                     **pairs)),
       "flamingo": dict(
-          documents=configs.dataset("shapes", batch_size=8, weight=1.0, kind="interleaved",
+          documents=configs.dataset("shapes", batch_size=4, weight=1.0, kind="interleaved",
                                     min_images=2, max_images=5, max_tokens=192, media_slots=5,
                                     **shapes),
-          captions=configs.dataset("shapes", batch_size=8, weight=0.2, kind="caption", **pairs),
-          vqa=configs.dataset("shapes", batch_size=128, weight=1.0, kind="vqa", max_tokens=24,
+          vqa=configs.dataset("shapes", batch_size=96, weight=1.0, kind="vqa", max_tokens=24,
                               media_slots=1, supervise="answer", **shapes),
+          fewshot_vqa=configs.dataset("shapes", batch_size=16, weight=1.0, kind="fewshot_vqa",
+                                      max_tokens=FEWSHOT_VQA_TOKENS, media_slots=MAX_MEDIA,
+                                      supervise="answer", **fewshot, **shapes),
+          fewshot_captions=configs.dataset("shapes", batch_size=4, weight=0.5,
+                                           kind="fewshot_caption", max_tokens=CONTEXT,
+                                           media_slots=MAX_MEDIA, supervise="answer", **fewshot,
+                                           **shapes),
           binding=configs.dataset("shapes", batch_size=8, weight=0.5, kind="binding",
                                   num_shots=BINDING_SHOTS, max_tokens=80,
                                   media_slots=BINDING_SHOTS + 1, **shapes)),
@@ -111,10 +121,11 @@ def recipe_config(smoke: bool) -> ml_collections.ConfigDict:
   evaluation.batch_size = 32
   evaluation.one_shape_per_task = True
   evaluation.shapes.num_queries = 32 if smoke else 128
-  evaluation.shapes.pool_size = 512 if smoke else 2048
+  evaluation.shapes.pool_size = 512 if smoke else POOL_SIZE
   return ml_collections.ConfigDict(dict(
       stages={stage: stage_config(stage, steps[stage]) for stage in configs.STAGES},
       eval=evaluation,
+      seeds=(0,),  # --seeds=0,1,2 runs it once per seed and judges the targets over the seeds
       baseline_tasks="shapes_vqa",  # also evaluated before the Flamingo stage (gates at 0)
       grid_images=12,
   ))

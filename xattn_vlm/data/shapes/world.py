@@ -65,7 +65,8 @@ RGB = {
 _ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 _SEEN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELD_OUT_COMBINATIONS)
 _SPLIT_STREAMS = {split: i for i, split in enumerate(SPLITS)}
-_GENERATOR_STREAMS = {"caption": 0, "vqa": 1, "interleaved": 2, "binding": 3, "text": 4, "pair": 5}
+_GENERATOR_STREAMS = {"caption": 0, "vqa": 1, "interleaved": 2, "binding": 3, "text": 4, "pair": 5,
+                      "fewshot": 6}
 
 # Geometry in fractions of the image side: five slots that large objects cannot overlap much.
 _CENTRES = {"left": (0.19, 0.5), "right": (0.81, 0.5), "top": (0.5, 0.19),
@@ -580,6 +581,24 @@ def _text_binding(rng: np.random.Generator, split: str) -> str:
   obj = sample_object(rng, split, "centre", shapes[query])
   sentences.append(f"Here is {_with_article(noun_phrase(obj))}. {QUERY_PROMPT} {names[query]}.")
   return " ".join(sentences)
+
+
+def fewshot_draw(split: str, seed: int, index: int, *, max_shots: int, pool_size: int,
+                 zero_shot_demonstrations: int) -> tuple[int, list[int]]:
+  """Few-shot training episode ``index``: its shot count, uniform in ``0..max_shots``, and the
+  indices of its demonstrations among the first ``pool_size`` train items, distinct and drawn
+  uniformly (``zero_shot_demonstrations`` of them at 0 shots, where they are shown without their
+  images), as the evaluation draws them from its pool."""
+  if max_shots < 0:
+    raise ValueError(f"max_shots must be >= 0, got {max_shots}")
+  needed = max(max_shots, zero_shot_demonstrations)
+  if pool_size < needed:
+    raise ValueError(f"pool_size must be at least {needed} (the most demonstrations an episode "
+                     f"shows), got {pool_size}")
+  rng = _rng(split, "fewshot", seed, index)
+  shots = int(rng.integers(max_shots + 1))
+  count = shots if shots else zero_shot_demonstrations
+  return shots, [int(i) for i in rng.choice(pool_size, size=count, replace=False)]
 
 
 def text_example(split: str, seed: int, index: int) -> dict:
