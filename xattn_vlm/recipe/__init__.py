@@ -37,6 +37,8 @@ from xattn_vlm import lock
 from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
+from xattn_vlm.models import convert
+from xattn_vlm.models import gguf_file
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
@@ -53,15 +55,39 @@ def stage_config(config: ml_collections.ConfigDict, stage: str,
                  workdir: pathlib.Path, seed: int | None = None) -> ml_collections.ConfigDict:
   """The trainer config of ``stage`` with the Flamingo stage's towers read from this run, and
   with ``seed`` (when given) as its initialisation and data seed."""
-  if stage not in config.stages:
-    raise ValueError(f"config.stages: expected the stages {STAGES}, got {sorted(config.stages)}")
+  if stage not in config.stages or "flamingo" not in config.stages:
+    raise ValueError(f"config.stages: expected the flamingo stage and any of {STAGES[:-1]} "
+                     f"before it, got {sorted(config.stages)}")
   stage_cfg = ml_collections.ConfigDict(config.stages[stage].to_dict())
   if seed is not None:
     stage_cfg.seed = stage_cfg.data.seed = seed
   if stage == "flamingo":
-    stage_cfg.init.lm_workdir = str(workdir / "lm_pretrain")
-    stage_cfg.init.vision_workdir = str(workdir / "vision_pretrain")
+    # A tower pretrained by this run comes from its stage's folder; one without a stage here
+    # keeps the config's source (e.g. init.lm_hf_path: a published LM file).
+    for tower in ("lm", "vision"):
+      if f"{tower}_pretrain" in config.stages:
+        stage_cfg.init[f"{tower}_workdir"] = str(workdir / f"{tower}_pretrain")
   return stage_cfg
+
+
+def recipe_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """The stages this recipe trains, in the trainer's order."""
+  return [stage for stage in STAGES if stage in config.stages]
+
+
+def check(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """What can fail before any training step does, here: every stage's config, the Flamingo
+  stage's tokenizer against its model (vocabulary and ``<image>``/``<|endofchunk|>`` ids) and a
+  pretrained LM file against ``config.model.lm``, so a missing or damaged file or a disagreeing
+  token id is named at start, not after the first stages have trained."""
+  for stage in recipe_stages(config):
+    trainer.check_config(stage_config(config, stage, workdir))
+  flamingo = stage_config(config, "flamingo", workdir)
+  input_pipeline.tokenizer_for(flamingo)
+  if flamingo.init.lm_hf_path:
+    path = flamingo.init.lm_hf_path
+    stored = convert.read_lm_config(path)
+    gguf_file.check_lm_config(flamingo.model.lm, stored, path)
 
 
 def flamingo_model(config: ml_collections.ConfigDict, params: nnx.State) -> Flamingo:
@@ -119,7 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int) -> dict[str, Any]:
   start = time.perf_counter()
   seconds: dict[str, float] = {}
-  for stage in STAGES:
+  check(config, workdir)
+  for stage in recipe_stages(config):
     began = time.perf_counter()
     stage_cfg = stage_config(config, stage, workdir, seed)
     state = trainer.train(stage_cfg, str(workdir / stage))
@@ -157,9 +184,15 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int) ->
                reliance["own_nll"], reliance["swapped_nll"])
 
   summary = {"results": results, "untrained": baselines, "image_reliance": reliance}
+  if config.get("binding_ceiling", False):
+    began = time.perf_counter()
+    console.say("binding: the text-only ceiling (every image described in words)")
+    summary["binding_text"] = diagnostics.binding_text_ceiling(config.eval, model, processor)
+    seconds["binding_text"] = time.perf_counter() - began
   began = time.perf_counter()
   summary.update(report.write(config, workdir, results, baselines, reliance,
-                              {**seconds, "total": time.perf_counter() - start}))
+                              {**seconds, "total": time.perf_counter() - start},
+                              summary.get("binding_text")))
   seconds["report"] = time.perf_counter() - began
   seconds["total"] = time.perf_counter() - start
   summary["seconds"] = seconds

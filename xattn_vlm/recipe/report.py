@@ -33,6 +33,8 @@ GRID = "grid.png"
 # "Far above" the majority baseline: 10 points, almost 3 standard deviations of an accuracy near
 # 22% over 128 questions, so that noise alone does not pass the check.
 VQA_MARGIN = 10.0
+# Binding with images must come this close (points) to the same episodes described in words.
+CEILING_MARGIN = 5.0
 # Answer NLL (nats) that another question's image must add for the model to count as using images.
 RELIANCE_MARGIN = 0.1
 TITLES = {"shapes_captioning": "captioning (CIDEr)", "shapes_vqa": "VQA accuracy (%)",
@@ -99,14 +101,29 @@ def seed_means(per_seed: Mapping[int, Results], task: str,
 
 
 def targets(per_seed: Mapping[int, Results], reliance: Mapping[int, Mapping[str, float]],
-            majority: float, shots: Sequence[int]) -> dict[str, bool]:
+            majority: float, shots: Sequence[int], *, rising: Sequence[str] = (),
+            ceiling: Mapping[int, Results] | None = None) -> dict[str, bool]:
   """The recipe's targets judged over seeds (each seed's score the mean of its trials; spread =
   the standard deviation across seeds, 0 for one seed): VQA's mean minus two spreads at least
   ``VQA_MARGIN`` points over the majority answer at its best shot count; at the most shots,
   VQA and captioning no worse than at 0 shots beyond the larger spread of the two; binding
-  rising with shots (in the mean); every seed's answers worse with another question's image."""
+  rising with shots (in the mean); every seed's answers worse with another question's image.
+  ``rising`` tasks must beat 0 shots at every larger shot count by more than the seed spread;
+  with ``ceiling`` (each seed's binding in words, ``diagnostics.binding_text_ceiling``) binding
+  must come within ``CEILING_MARGIN`` points of it at the most shots."""
   checks = {}
   first, last = min(shots), max(shots)
+  for task in rising:
+    if task in next(iter(per_seed.values())):
+      scores = seed_means(per_seed, task, shots)
+      checks[f"{task} above {first} shots at every larger shot count beyond the seed spread"] = all(
+          float(scores[s].mean()) - float(scores[first].mean())
+          > max(float(scores[s].std()), float(scores[first].std())) for s in shots if s > first)
+  if ceiling is not None and "shapes_binding" in next(iter(per_seed.values())):
+    ours = seed_means(per_seed, "shapes_binding", shots)[last].mean()
+    words = np.mean([np.mean(ceiling[seed][last]) for seed in sorted(ceiling)])
+    checks[f"binding within {CEILING_MARGIN:g} points of the text-only ceiling at {last} shots"] = (
+        float(ours) >= float(words) - CEILING_MARGIN)
   for task, name in (("shapes_vqa", "VQA"), ("shapes_captioning", "captioning")):
     if task not in next(iter(per_seed.values())):
       continue
@@ -129,15 +146,19 @@ def targets(per_seed: Mapping[int, Results], reliance: Mapping[int, Mapping[str,
 
 def write(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, results: Results,
           untrained: Results, reliance: Mapping[str, float],
-          seconds: Mapping[str, float]) -> dict[str, Any]:
+          seconds: Mapping[str, float], binding_text: Results | None = None) -> dict[str, Any]:
   """Writes report.md, report.png and grid.png into ``workdir``; returns the baselines and
-  target checks it reports."""
+  target checks it reports. ``binding_text``: binding accuracy per shots and trial with the
+  images described in words (the ceiling), when measured."""
   workdir = pathlib.Path(workdir)
   majority = majority_baseline(config)
   shots = sorted(int(s) for s in config.eval.shots)
   ways = config.eval.shapes.binding_ways
-  checks = targets({0: results}, {0: reliance}, majority["accuracy"], shots)
+  checks = targets({0: results}, {0: reliance}, majority["accuracy"], shots,
+                   rising=tuple(config.get("rising_tasks", ())),
+                   ceiling=None if binding_text is None else {0: binding_text})
   extras = {"majority": majority, "checks": checks, "image_reliance": dict(reliance),
+            "binding_text": binding_text,
             "vqa_per_type": {s: vqa_per_type(config, workdir / "eval", s) for s in shots}
             if "shapes_vqa" in results else {}}
   plot(config, workdir, results, untrained, majority, ways)
@@ -169,6 +190,10 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
   if "shapes_binding" in results:
     rows.append("| in-context binding accuracy (%) | "
                 + " | ".join(_cell(results, "shapes_binding", s) for s in shots) + " |")
+    if extras.get("binding_text"):
+      words = {"shapes_binding": {int(k): v for k, v in extras["binding_text"].items()}}
+      rows.append("| binding, text-only ceiling (images described in words) | "
+                  + " | ".join(_cell(words, "shapes_binding", s) for s in shots) + " |")
     rows.append(f"| binding, chance ({ways} names in the prompt) | "
                 + " | ".join(f"{100 / ways:.1f}" for _ in shots) + " |")
   e = config.eval
@@ -203,7 +228,7 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
                 + f" | {majority['per_type'].get(t, float('nan')):.1f} |" for t in types], ""]
   lines += ["## Training", "", "| stage | steps | final loss | batch (per dataset) |",
             "|---|---|---|---|"]
-  for stage in STAGES:
+  for stage in [s for s in STAGES if s in config.stages]:
     cfg = config.stages[stage]
     final = train_metrics.read_metrics(str(workdir / stage))[-1]["loss"]
     batches = ", ".join(f"{n} {d.batch_size} (x{d.weight})" for n, d in cfg.data.datasets.items())
@@ -223,7 +248,7 @@ def plot(config, workdir: pathlib.Path, results: Results, untrained: Results,
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-  for ax, stage in zip(axes[0], STAGES):
+  for ax, stage in zip(axes[0], [s for s in STAGES if s in config.stages]):
     rows = train_metrics.read_metrics(str(workdir / stage))
     names = sorted({k for r in rows for k in r if k.startswith("loss")})
     for name in names:
@@ -364,7 +389,10 @@ def write_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   per_seed = {seed: summaries[seed]["results"] for seed in seeds}
   reliance = {seed: summaries[seed]["image_reliance"] for seed in seeds}
   majority = majority_baseline(config)
-  checks = targets(per_seed, reliance, majority["accuracy"], shots)
+  ceiling = ({seed: {int(k): v for k, v in summaries[seed]["binding_text"].items()}
+              for seed in seeds} if all("binding_text" in summaries[s] for s in seeds) else None)
+  checks = targets(per_seed, reliance, majority["accuracy"], shots,
+                   rising=tuple(config.get("rising_tasks", ())), ceiling=ceiling)
   columns = [(task, title, s) for task, title in SEED_COLUMNS if task in per_seed[seeds[0]]
              for s in shots]
   scores = {(task, s): seed_means(per_seed, task, shots)[s] for task, _, s in columns}
@@ -389,6 +417,12 @@ def write_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             f"binding chance {100 / config.eval.shapes.binding_ways:.1f}%. Swap ablation: answer "
             "NLL with another question's image minus with the question's own "
             f"(the target asks for {RELIANCE_MARGIN:g} nats).", "",
+            *([] if ceiling is None else [
+                "Binding with every image described in words (the text-only ceiling), mean ± "
+                "std over seeds: " + ", ".join(
+                    f"{s}-shot {np.mean([np.mean(ceiling[x][s]) for x in seeds]):.1f} ± "
+                    f"{np.std([np.mean(ceiling[x][s]) for x in seeds]):.1f}" for s in shots)
+                + ".", ""]),
             "Targets over the seeds:", *[f"- {name}: {'yes' if ok else 'NO'}"
                                          for name, ok in checks.items()], ""]
   (workdir / REPORT).write_text("\n".join(lines))

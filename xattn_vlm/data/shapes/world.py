@@ -326,6 +326,12 @@ def _with_article(phrase: str) -> str:
   return f"{_article(phrase)} {phrase}"
 
 
+def object_description(obj: ShapeObject) -> str:
+  """One object in words, every attribute but its position: "A large red striped star." (what
+  the binding episodes' text-only version shows instead of the image)."""
+  return _capitalise(_with_article(noun_phrase(obj))) + "."
+
+
 _CAPTION_DETAIL = (("size", "colour", "texture"), ("colour",), ("size", "colour"),
                    ("colour", "texture"))
 _CAPTION_TEMPLATES = (
