@@ -17,9 +17,11 @@ One stage alone (the recipe runs these into <workdir>/<stage>):
    tower (CLIP's symmetric InfoNCE).
 3. ``flamingo``: both towers are loaded from the runs above (``config.init.*_workdir``) and
    frozen; the resampler, gated cross-attention blocks and ``<image>``/``<|endofchunk|>`` rows
-   train on interleaved documents (weight 1.0), VQA pairs (1.0), fast-binding episodes with
-   fresh made-up names (0.5) and captions (0.2). The VQA pairs supervise their answer alone
-   (``supervise="answer"``), 128 short pairs a step: under the loss on every token, and at 32
+   train on few-shot episodes in the evaluation's own prompt format (``fewshot_vqa``, weight
+   1.0, and ``fewshot_caption``, 0.5: 0 to 8 demonstrations, up to the evaluation's context, so
+   long prompts are in distribution), short VQA pairs (1.0) and fast-binding episodes with fresh
+   made-up names (0.5). VQA and the episodes supervise the query's answer alone
+   (``supervise="answer"``), 96 short pairs a step: under the loss on every token, and at 32
    pairs a step, the answers stayed at the per-type prior.
 4. (recipe) 0/4/8-shot evaluation of shapes-world captioning, VQA and in-context binding with
    the Flamingo protocol, and a report (``xattn_vlm.recipe``).
@@ -84,15 +86,12 @@ def stage_config(stage: str, steps: int) -> ml_collections.ConfigDict:
       "vision_pretrain": dict(pairs=configs.dataset("shapes", batch_size=64, kind="pair",
                                                     **pairs)),
       "flamingo": dict(
-          documents=configs.dataset("shapes", batch_size=4, weight=1.0, kind="interleaved",
-                                    min_images=2, max_images=5, max_tokens=192, media_slots=5,
-                                    **shapes),
           vqa=configs.dataset("shapes", batch_size=96, weight=1.0, kind="vqa", max_tokens=24,
                               media_slots=1, supervise="answer", **shapes),
           fewshot_vqa=configs.dataset("shapes", batch_size=16, weight=1.0, kind="fewshot_vqa",
                                       max_tokens=FEWSHOT_VQA_TOKENS, media_slots=MAX_MEDIA,
                                       supervise="answer", **fewshot, **shapes),
-          fewshot_captions=configs.dataset("shapes", batch_size=4, weight=0.5,
+          fewshot_captions=configs.dataset("shapes", batch_size=8, weight=0.5,
                                            kind="fewshot_caption", max_tokens=CONTEXT,
                                            media_slots=MAX_MEDIA, supervise="answer", **fewshot,
                                            **shapes),

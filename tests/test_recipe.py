@@ -133,8 +133,11 @@ def test_recipe_batches_have_each_datasets_own_shapes():
   # Every question fits, and only its answer and <|endofchunk|> are supervised.
   assert (batches["vqa"]["attention_mask"][:, -1] == 0).all()
   np.testing.assert_array_equal((batches["vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
-  assert batches["documents"]["input_ids"].shape == (4, 192)
-  assert batches["documents"]["images"].shape[1] == 5
+  # Few-shot episodes at the evaluation's context and image count, the answer alone supervised.
+  assert batches["fewshot_captions"]["input_ids"].shape == (8, 384)
+  assert batches["fewshot_vqa"]["images"].shape[1] == 9
+  np.testing.assert_array_equal(
+      (batches["fewshot_vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
 
   lm = shapes_tiny("lm_pretrain")
   iterator = input_pipeline.create_iterator(lm)
