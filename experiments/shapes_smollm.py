@@ -40,7 +40,7 @@ RUNS = "runs/shapes_smollm"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAGES = ("vision_pretrain", "flamingo")
 STEPS = {"vision_pretrain": 150, "flamingo": 300}
-SMOKE_STEPS = {"vision_pretrain": 10, "flamingo": 4}
+SMOKE_STEPS = {"vision_pretrain": 20, "flamingo": 4}
 CONTEXT = 640  # tokens: a 16-shot captioning prompt (about 560 with SmolLM2's tokenizer) + 20 new
 MAX_MEDIA = 17  # images: 16 demonstrations and the query
 BINDING_SHOTS = 4
@@ -110,8 +110,8 @@ def stage_config(stage: str, steps: int, gguf: str) -> ml_collections.ConfigDict
                               num_shots=BINDING_SHOTS, max_tokens=96,
                               media_slots=BINDING_SHOTS + 1, **shapes))
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 20
   config.total_steps = steps or STEPS[stage]
+  config.optimizer.warmup_steps = min(20, config.total_steps)
   config.checkpoint.every_steps = 50
   config.log_every_steps = 10
   return config
