@@ -2,8 +2,9 @@
 
 Trains the recipe's stages one after the other, evaluates and writes the report into DIR
 (``DIR/report.md``). ``--seeds=0,1,2`` runs the whole recipe once per seed into
-``DIR/seed_<s>`` and writes a combined report over the seeds into DIR. Dotted overrides (``--config.eval.trials=1``) apply on top of the file. A
-rerun resumes each stage and skips finished ones. The log is in DIR/logs/.
+``DIR/seed_<s>`` and writes a combined report over the seeds into DIR. Dotted overrides
+(``--config.eval.trials=1``) apply on top of the file. A rerun resumes each stage and skips
+finished ones. The log is in DIR/logs/.
 """
 
 from absl import flags

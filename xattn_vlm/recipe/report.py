@@ -209,8 +209,9 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
       head, rule, *rows, "",
   ]
   if extras["checks"]:
-    lines += ["Targets (this seed alone; run several with `--seeds` to judge them over seeds):", *[f"- {name}: {'yes' if ok else 'NO'}"
-                            for name, ok in extras["checks"].items()], ""]
+    lines += ["Targets (this seed alone; run several with `--seeds` to judge them over seeds):",
+              *[f"- {name}: {'yes' if ok else 'NO'}" for name, ok in extras["checks"].items()],
+              ""]
   r = extras["image_reliance"]
   lines += [f"Image-swap ablation ({r['questions']} validation VQA questions, teacher-forced): "
             f"answer NLL {r['own_nll']:.3f} nats and accuracy {r['own_accuracy']:.1f}% with each "
