@@ -1,12 +1,18 @@
 """Input pipeline throughput: examples/s of the grain pipeline, and (optionally) the train step.
 
 COMMAND: python -m benchmarks.data --workers=0,2 --batch_size=32 --steps=10 --repeats=5
+         python -m benchmarks.data --recipe=experiments/shapes_tiny.py --steps=10 --repeats=3
 
 Two workloads: shapes-world interleaved documents (rendered on read; up to 5 images each) and
 a folder of JPEG + caption pairs (LAION layout, written to a temporary folder first). Each row is
 the median over ``--repeats`` timed runs of ``--steps`` batches, after ``--warmup`` batches that
 absorb worker start-up. The "train step" column is filled when ``run`` gets a ``step_fn`` (the
 trainer calls ``run(step_fn=...)``); the script alone leaves it blank.
+
+``--recipe=CONFIG`` measures a recipe's Flamingo stage instead: the time to draw one step's
+batches of all its datasets (the trainer's own iterator, its worker count) beside the time of
+its jitted train step on those batches (random towers, the step's shapes and mixture), so the
+two can be compared: the step waits for its data when the first is the larger.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per row (the median is
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed batches before the timed runs")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "tower input size (pixels)")
 _NUM_JPEGS = flags.DEFINE_integer("num_jpegs", 256, "JPEG pairs written for the folder workload")
+_RECIPE = flags.DEFINE_string("recipe", None, "a recipe config file (experiments/shapes_tiny.py): "
+                              "time its Flamingo stage's data per step beside its train step")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,7 +131,49 @@ def format_table(rows: list[dict], batch_size: int) -> str:
   return "\n".join(lines)
 
 
+def recipe_step(config_path: str, *, steps: int, repeats: int) -> dict[str, float]:
+  """The recipe's Flamingo stage: median ms to draw one step's batches (over ``repeats`` runs of
+  ``steps`` steps), and median ms of the jitted train step on such batches."""
+  # pylint: disable=import-outside-toplevel  # the trainer is only needed in this mode
+  import importlib.util
+  import jax
+  from xattn_vlm.train import input_pipeline, trainer
+
+  if not pathlib.Path(config_path).is_file():
+    raise ValueError(f"--recipe: expected a recipe config file such as "
+                     f"experiments/shapes_tiny.py, got {config_path!r} (no such file)")
+  spec = importlib.util.spec_from_file_location("recipe_config", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config().stages.flamingo
+  config.init.lm_workdir = config.init.vision_workdir = ""  # random towers: timing only
+  iterator = input_pipeline.create_iterator(config)
+  try:
+    rates = examples_per_second(iterator, batch_size=1, steps=steps, repeats=repeats, warmup=2)
+    batches = jax.tree.map(jax.numpy.asarray, next(iterator))
+    weights = iterator.weights
+  finally:
+    iterator.close()
+  s = trainer.setup(config)
+  state = trainer.create_train_state(s)
+  step = jax.jit(trainer.make_train_step(s, weights))
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = step(holder["state"], batches)
+    return metrics
+
+  return {"data ms/step": 1e3 / statistics.median(rates),
+          "train step ms": 1e3 * common.median_time(one_step, steps)}
+
+
 def benchmark() -> None:
+  if _RECIPE.value:
+    row = recipe_step(_RECIPE.value, steps=_STEPS.value, repeats=_REPEATS.value)
+    print(f"| {_RECIPE.value} flamingo stage | data ms/step | train step ms |\n|---|---|---|\n"
+          f"| all datasets, one step | {row['data ms/step']:.1f} | {row['train step ms']:.1f} |")
+    print(common.load_average())
+    return
   rows = run(workers=[int(w) for w in _WORKERS.value], batch_size=_BATCH_SIZE.value,
              steps=_STEPS.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
              image_size=_IMAGE_SIZE.value, num_jpegs=_NUM_JPEGS.value)

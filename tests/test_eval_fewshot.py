@@ -6,7 +6,7 @@ import pytest
 
 from xattn_vlm.data import default_tokenizer, sequence
 from xattn_vlm.data.shapes import world as shapes_world
-from xattn_vlm.eval import fewshot
+from xattn_vlm.data import fewshot
 
 EOC = "<|endofchunk|>"
 

@@ -19,6 +19,7 @@ EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 PRESETS = {
     "tiny_test": ["lm_pretrain", "vision_pretrain", "flamingo"],
     "shapes_tiny": ["lm_pretrain", "vision_pretrain", "flamingo"],
+    "shapes_smollm": ["vision_pretrain", "flamingo"],
     "openflamingo_9b": ["mesh=gpu", "mesh=tpu,slices=2"],
     "flamingo_3b": ["mesh=tpu", "mesh=gpu"],
     "flamingo_9b": ["mesh=tpu", "mesh=gpu"],

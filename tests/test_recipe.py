@@ -47,12 +47,66 @@ def test_smoke_recipe_beats_the_untrained_model_on_vqa(tmp_path):
                                            summary["results"]["shapes_vqa"].items()}
   reliance = summary["image_reliance"]
   assert reliance["questions"] > 0 and np.isfinite(reliance["swapped_nll"])
+  # The trained model reads its images: another question's image makes its answers worse.
+  assert reliance["swapped_nll"] > reliance["own_nll"] + report.RELIANCE_MARGIN, reliance
   text = (tmp_path / report.REPORT).read_text()
   assert "| VQA, majority answer per question type |" in text and "![" in text
   assert "Image-swap ablation" in text
   assert "| type | 0-shot | 4-shot | majority |" in text and "| colour (" in text
   for figure in (report.FIGURE, report.GRID):
     assert (tmp_path / figure).stat().st_size > 10_000
+
+
+def _fake_summary(vqa, captioning, binding, gap):
+  results = {"shapes_vqa": {0: [vqa[0], vqa[0]], 8: [vqa[1], vqa[1]]},
+             "shapes_captioning": {0: [captioning[0]] * 2, 8: [captioning[1]] * 2},
+             "shapes_binding": {0: [binding[0]] * 2, 8: [binding[1]] * 2}}
+  return {"results": results, "image_reliance": {"own_nll": 1.0, "swapped_nll": 1.0 + gap},
+          "seconds": {"total": 1.0}}
+
+
+def test_targets_are_judged_over_seeds(tmp_path):
+  """mean - 2 std over seeds against the majority answer; 8 shots against 0 within the seed
+  spread; the swap ablation on every seed; the combined report lists every seed's figures."""
+  config = shapes_tiny("smoke")
+  config.eval.shots = (0, 8)
+  majority = report.majority_baseline(config)["accuracy"]
+  # 8 shots half a point under 0 shots, within the spread across seeds (std 0.8).
+  steady = {s: _fake_summary((majority + 14 + s, majority + 13.5 + s), (40 + s, 39.5 + s),
+                             (50, 60), 0.3) for s in range(3)}
+  out = report.write_seeds(config, tmp_path, steady, seconds=10.0)
+  assert all(out["checks"].values()), out["checks"]
+  text = (tmp_path / report.REPORT).read_text()
+  assert "| mean ± std |" in text and text.count("\n| 1 |") == 1
+  assert f"{majority + 15:.1f} ± 0.8" in text
+
+  # One seed far lower: the mean passes the margin, mean - 2 std does not.
+  spread = {**steady, 2: _fake_summary((majority + 5, majority + 5), (42, 42), (50, 60), 0.3)}
+  checks = report.write_seeds(config, tmp_path, spread, seconds=10.0)["checks"]
+  vqa_check = next(k for k in checks if k.startswith("VQA far above"))
+  assert not checks[vqa_check]
+  # 8 shots 5 points under 0 shots on every seed (no spread): fails; one blind seed fails too.
+  worse = {s: _fake_summary((majority + 15, majority + 10), (40, 35), (50, 40), 0.3 * s)
+           for s in range(3)}
+  checks = report.write_seeds(config, tmp_path, worse, seconds=10.0)["checks"]
+  assert [k for k, ok in checks.items() if not ok] == [
+      "VQA at 8 shots no worse than at 0 beyond the seed spread",
+      "captioning at 8 shots no worse than at 0 beyond the seed spread",
+      "binding rises with shots",
+      "uses its images (VQA answers worse with another question's image, every seed)"]
+
+
+def test_seeds_setting():
+  assert recipe.parse_seeds("0, 1,2") == (0, 1, 2)
+  assert recipe.parse_seeds((3,)) == (3,)
+  for bad in ("", "0,0", "-1", "a,b"):
+    with pytest.raises(ValueError, match="--seeds: expected distinct non-negative integers"):
+      recipe.parse_seeds(bad, "--seeds")
+  config = shapes_tiny("recipe")
+  assert tuple(config.seeds) == (0,)
+  stage = recipe.stage_config(config, "flamingo", pathlib.Path("w"), seed=2)
+  assert stage.seed == stage.data.seed == 2
+  assert stage.init.lm_workdir == "w/lm_pretrain"
 
 
 def test_recipe_presets():
@@ -74,13 +128,16 @@ def test_recipe_batches_have_each_datasets_own_shapes():
   iterator = input_pipeline.create_iterator(flamingo)
   batches = next(iterator)
   iterator.close()
-  assert batches["vqa"]["input_ids"].shape == (128, 24)
+  assert batches["vqa"]["input_ids"].shape == (96, 24)
   assert batches["vqa"]["images"].shape[1] == 1
   # Every question fits, and only its answer and <|endofchunk|> are supervised.
   assert (batches["vqa"]["attention_mask"][:, -1] == 0).all()
   np.testing.assert_array_equal((batches["vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
-  assert batches["documents"]["input_ids"].shape == (8, 192)
-  assert batches["documents"]["images"].shape[1] == 5
+  # Few-shot episodes at the evaluation's context and image count, the answer alone supervised.
+  assert batches["fewshot_captions"]["input_ids"].shape == (8, 384)
+  assert batches["fewshot_vqa"]["images"].shape[1] == 9
+  np.testing.assert_array_equal(
+      (batches["fewshot_vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
 
   lm = shapes_tiny("lm_pretrain")
   iterator = input_pipeline.create_iterator(lm)

@@ -104,12 +104,17 @@ def _reason(error: Exception) -> str:
 
 def require_text(chunks: Sequence[Any], record_id: Any) -> None:
   """Raises ``BadRecordError`` unless the document has text and its text is free of the layout's
-  special-token strings (a web caption containing "<image>" would otherwise shift the images)."""
+  special-token strings (a web caption containing "<image>" would otherwise shift the images).
+  The text before the first image may hold ``<|endofchunk|>`` (text-only demonstrations, as a
+  0-shot prompt has them): it shifts no image and is never supervised."""
   texts = [c for c in chunks if isinstance(c, str)]
   if not any(t.strip() for t in texts):
     raise sources.BadRecordError(f"record {record_id!r} has no text", reason="missing text")
+  first_image = next((i for i, c in enumerate(chunks) if not isinstance(c, str)), len(chunks))
   for token in tokenizer_lib.ADDED_TOKENS:
-    if any(token in t for t in texts):
+    checked = [c for i, c in enumerate(chunks) if isinstance(c, str)
+               and (i > first_image or token != tokenizer_lib.EOC_TOKEN)]
+    if any(token in t for t in checked):
       raise sources.BadRecordError(f"record {record_id!r}: its text contains {token!r}",
                                    reason="special token in text")
 

@@ -1,6 +1,8 @@
 """Interleaved image-text documents -> fixed-size model inputs, with Flamingo's label mask.
 
-Layout (OpenFlamingo's): the text before the first image as is; then, for each image, ``<image>``,
+Layout (OpenFlamingo's): the text before the first image as is (the one text that may hold
+``<|endofchunk|>``, closing text-only demonstrations as a 0-shot prompt does, ``data.fewshot``;
+it is never supervised and shifts no image); then, for each image, ``<image>``,
 the text that follows it and ``<|endofchunk|>``; EOS at the end of the document (after BOS when the
 tokenizer has one). An image-text pair is ``<image>{caption}<|endofchunk|>{eos}``.
 
@@ -101,9 +103,9 @@ def _frames(chunk, image_shape: tuple[int, int, int, int], index: int) -> np.nda
   return image.astype(np.float32)
 
 
-def _encode_text(tokenizer, texts: list[str], where: str) -> list[int]:
+def _encode_text(tokenizer, texts: list[str], where: str, allow_eoc: bool = False) -> list[int]:
   ids = tokenizer.encode("".join(texts))
-  if tokenizer.media_token_id in ids or tokenizer.eoc_token_id in ids:
+  if tokenizer.media_token_id in ids or (not allow_eoc and tokenizer.eoc_token_id in ids):
     raise ValueError(f"the text {where} contains <image> or <|endofchunk|>: the layout adds "
                      "them, so pass images as array chunks and leave these strings out of text")
   return ids
@@ -153,7 +155,7 @@ def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: i
     raise ValueError('supervise="answer" needs the record to end with a text chunk after an '
                      "image (the answer)")
   ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-  ids += _encode_text(tokenizer, prefix, "before the first image")
+  ids += _encode_text(tokenizer, prefix, "before the first image", allow_eoc=True)
   answer_start = max_tokens  # supervise="answer": labels from here on (none when it stays)
   for k, (_, texts) in enumerate(media[:max_images]):
     text_ids = _encode_text(tokenizer, texts, f"after image {k}")

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from xattn_vlm import lock
 from xattn_vlm.data import images as images_lib
 from xattn_vlm.eval import demos as demos_lib
-from xattn_vlm.eval import fewshot
+from xattn_vlm.data import fewshot
 from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import tasks as tasks_lib
 from xattn_vlm.inference import GenerationConfig, Processor

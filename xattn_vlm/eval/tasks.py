@@ -24,7 +24,7 @@ import numpy as np
 
 from xattn_vlm.data import catalog
 from xattn_vlm.data.shapes import world as shapes_world
-from xattn_vlm.eval import fewshot
+from xattn_vlm.data import fewshot
 from xattn_vlm.eval import metrics
 
 KINDS = ("captioning", "vqa", "classification", "binding")

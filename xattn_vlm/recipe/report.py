@@ -33,6 +33,10 @@ GRID = "grid.png"
 # "Far above" the majority baseline: 10 points, almost 3 standard deviations of an accuracy near
 # 22% over 128 questions, so that noise alone does not pass the check.
 VQA_MARGIN = 10.0
+# Binding with images must come this close (points) to the same episodes described in words.
+CEILING_MARGIN = 5.0
+# Answer NLL (nats) that another question's image must add for the model to count as using images.
+RELIANCE_MARGIN = 0.1
 TITLES = {"shapes_captioning": "captioning (CIDEr)", "shapes_vqa": "VQA accuracy (%)",
           "shapes_binding": "in-context binding accuracy (%)"}
 
@@ -89,26 +93,72 @@ def _mean(results: Results, task: str, shots: int) -> float:
   return float(np.mean(results[task][shots]))
 
 
+def seed_means(per_seed: Mapping[int, Results], task: str,
+               shots: Sequence[int]) -> dict[int, np.ndarray]:
+  """Shots -> each seed's score (its trials' mean), in seed order."""
+  return {s: np.asarray([_mean(per_seed[seed], task, s) for seed in sorted(per_seed)])
+          for s in shots}
+
+
+def targets(per_seed: Mapping[int, Results], reliance: Mapping[int, Mapping[str, float]],
+            majority: float, shots: Sequence[int], *, rising: Sequence[str] = (),
+            ceiling: Mapping[int, Results] | None = None) -> dict[str, bool]:
+  """The recipe's targets judged over seeds (each seed's score the mean of its trials; spread =
+  the standard deviation across seeds, 0 for one seed): VQA's mean minus two spreads at least
+  ``VQA_MARGIN`` points over the majority answer at its best shot count; at the most shots,
+  VQA and captioning no worse than at 0 shots beyond the larger spread of the two; binding
+  rising with shots (in the mean); every seed's answers worse with another question's image.
+  ``rising`` tasks must beat 0 shots at every larger shot count by more than the seed spread;
+  with ``ceiling`` (each seed's binding in words, ``diagnostics.binding_text_ceiling``) binding
+  must come within ``CEILING_MARGIN`` points of it at the most shots."""
+  checks = {}
+  first, last = min(shots), max(shots)
+  for task in rising:
+    if task in next(iter(per_seed.values())):
+      scores = seed_means(per_seed, task, shots)
+      checks[f"{task} above {first} shots at every larger shot count beyond the seed spread"] = all(
+          float(scores[s].mean()) - float(scores[first].mean())
+          > max(float(scores[s].std()), float(scores[first].std())) for s in shots if s > first)
+  if ceiling is not None and "shapes_binding" in next(iter(per_seed.values())):
+    ours = seed_means(per_seed, "shapes_binding", shots)[last].mean()
+    words = np.mean([np.mean(ceiling[seed][last]) for seed in sorted(ceiling)])
+    checks[f"binding within {CEILING_MARGIN:g} points of the text-only ceiling at {last} shots"] = (
+        float(ours) >= float(words) - CEILING_MARGIN)
+  for task, name in (("shapes_vqa", "VQA"), ("shapes_captioning", "captioning")):
+    if task not in next(iter(per_seed.values())):
+      continue
+    scores = seed_means(per_seed, task, shots)
+    if task == "shapes_vqa":
+      worst = max(float(v.mean() - 2 * v.std()) for v in scores.values())
+      checks[f"VQA far above the majority baseline (mean - 2 std over seeds >= majority + "
+             f"{VQA_MARGIN:g} points at the best shot count)"] = worst >= majority + VQA_MARGIN
+    if last > first:
+      spread = max(float(scores[first].std()), float(scores[last].std()))
+      checks[f"{name} at {last} shots no worse than at {first} beyond the seed spread"] = (
+          float(scores[last].mean()) >= float(scores[first].mean()) - spread)
+  if "shapes_binding" in next(iter(per_seed.values())):
+    binding = [float(v.mean()) for v in seed_means(per_seed, "shapes_binding", shots).values()]
+    checks["binding rises with shots"] = all(b > a for a, b in zip(binding, binding[1:]))
+  checks["uses its images (VQA answers worse with another question's image, every seed)"] = all(
+      r["swapped_nll"] > r["own_nll"] + RELIANCE_MARGIN for r in reliance.values())
+  return checks
+
+
 def write(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, results: Results,
           untrained: Results, reliance: Mapping[str, float],
-          seconds: Mapping[str, float]) -> dict[str, Any]:
+          seconds: Mapping[str, float], binding_text: Results | None = None) -> dict[str, Any]:
   """Writes report.md, report.png and grid.png into ``workdir``; returns the baselines and
-  target checks it reports."""
+  target checks it reports. ``binding_text``: binding accuracy per shots and trial with the
+  images described in words (the ceiling), when measured."""
   workdir = pathlib.Path(workdir)
   majority = majority_baseline(config)
   shots = sorted(int(s) for s in config.eval.shots)
   ways = config.eval.shapes.binding_ways
-  checks = {}
-  if "shapes_binding" in results:
-    binding = [_mean(results, "shapes_binding", s) for s in shots]
-    checks["binding rises with shots"] = all(b > a for a, b in zip(binding, binding[1:]))
-  if "shapes_vqa" in results:
-    best = max(_mean(results, "shapes_vqa", s) for s in shots)
-    checks[f"VQA far above the majority baseline (by {VQA_MARGIN:g} points or more)"] = (
-        best >= majority["accuracy"] + VQA_MARGIN)
-  checks["uses its images (VQA answers worse with another question's image)"] = (
-      reliance["swapped_nll"] > reliance["own_nll"] + 0.1)
+  checks = targets({0: results}, {0: reliance}, majority["accuracy"], shots,
+                   rising=tuple(config.get("rising_tasks", ())),
+                   ceiling=None if binding_text is None else {0: binding_text})
   extras = {"majority": majority, "checks": checks, "image_reliance": dict(reliance),
+            "binding_text": binding_text,
             "vqa_per_type": {s: vqa_per_type(config, workdir / "eval", s) for s in shots}
             if "shapes_vqa" in results else {}}
   plot(config, workdir, results, untrained, majority, ways)
@@ -140,6 +190,10 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
   if "shapes_binding" in results:
     rows.append("| in-context binding accuracy (%) | "
                 + " | ".join(_cell(results, "shapes_binding", s) for s in shots) + " |")
+    if extras.get("binding_text"):
+      words = {"shapes_binding": {int(k): v for k, v in extras["binding_text"].items()}}
+      rows.append("| binding, text-only ceiling (images described in words) | "
+                  + " | ".join(_cell(words, "shapes_binding", s) for s in shots) + " |")
     rows.append(f"| binding, chance ({ways} names in the prompt) | "
                 + " | ".join(f"{100 / ways:.1f}" for _ in shots) + " |")
   e = config.eval
@@ -155,14 +209,15 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
       head, rule, *rows, "",
   ]
   if extras["checks"]:
-    lines += ["Targets:", *[f"- {name}: {'yes' if ok else 'NO'}"
-                            for name, ok in extras["checks"].items()], ""]
+    lines += ["Targets (this seed alone; run several with `--seeds` to judge them over seeds):",
+              *[f"- {name}: {'yes' if ok else 'NO'}" for name, ok in extras["checks"].items()],
+              ""]
   r = extras["image_reliance"]
   lines += [f"Image-swap ablation ({r['questions']} validation VQA questions, teacher-forced): "
             f"answer NLL {r['own_nll']:.3f} nats and accuracy {r['own_accuracy']:.1f}% with each "
             f"question's own image, {r['swapped_nll']:.3f} nats and {r['swapped_accuracy']:.1f}% "
-            "with another question's image. A model that reads its images does clearly better "
-            "with its own (the check above asks for 0.1 nats).", ""]
+            f"with another question's image. A model that reads its images does clearly better "
+            f"with its own (the check above asks for {RELIANCE_MARGIN:g} nats).", ""]
   if extras["vqa_per_type"]:
     per_type = extras["vqa_per_type"]
     types = [t for t in shapes_world.QUESTION_TYPES if any(t in p for p in per_type.values())]
@@ -174,7 +229,7 @@ def markdown(config: ml_collections.ConfigDict, workdir: pathlib.Path, results: 
                 + f" | {majority['per_type'].get(t, float('nan')):.1f} |" for t in types], ""]
   lines += ["## Training", "", "| stage | steps | final loss | batch (per dataset) |",
             "|---|---|---|---|"]
-  for stage in STAGES:
+  for stage in [s for s in STAGES if s in config.stages]:
     cfg = config.stages[stage]
     final = train_metrics.read_metrics(str(workdir / stage))[-1]["loss"]
     batches = ", ".join(f"{n} {d.batch_size} (x{d.weight})" for n, d in cfg.data.datasets.items())
@@ -194,7 +249,7 @@ def plot(config, workdir: pathlib.Path, results: Results, untrained: Results,
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-  for ax, stage in zip(axes[0], STAGES):
+  for ax, stage in zip(axes[0], [s for s in STAGES if s in config.stages]):
     rows = train_metrics.read_metrics(str(workdir / stage))
     names = sorted({k for r in rows for k in r if k.startswith("loss")})
     for name in names:
@@ -318,3 +373,62 @@ def draw_grid(panels: Sequence[tuple[np.ndarray, str]], title: str, path: pathli
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return fig, texts, image_axes
+
+
+SEED_COLUMNS = (("shapes_captioning", "CIDEr"), ("shapes_vqa", "VQA %"),
+                ("shapes_binding", "binding %"))
+
+
+def write_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                summaries: Mapping[int, Mapping[str, Any]], seconds: float) -> dict[str, Any]:
+  """report.md of a run over several seeds (each seed's own report is in ``seed_<s>/``): every
+  seed's scores (mean of its trials), their mean ± std across seeds, and the targets judged over
+  the seeds. Returns the aggregate and the checks."""
+  workdir = pathlib.Path(workdir)
+  seeds = sorted(summaries)
+  shots = sorted(int(s) for s in config.eval.shots)
+  per_seed = {seed: summaries[seed]["results"] for seed in seeds}
+  reliance = {seed: summaries[seed]["image_reliance"] for seed in seeds}
+  majority = majority_baseline(config)
+  ceiling = ({seed: {int(k): v for k, v in summaries[seed]["binding_text"].items()}
+              for seed in seeds} if all("binding_text" in summaries[s] for s in seeds) else None)
+  checks = targets(per_seed, reliance, majority["accuracy"], shots,
+                   rising=tuple(config.get("rising_tasks", ())), ceiling=ceiling)
+  columns = [(task, title, s) for task, title in SEED_COLUMNS if task in per_seed[seeds[0]]
+             for s in shots]
+  scores = {(task, s): seed_means(per_seed, task, shots)[s] for task, _, s in columns}
+  gap = np.asarray([reliance[seed]["swapped_nll"] - reliance[seed]["own_nll"] for seed in seeds])
+  lines = [
+      f"# The miniature Flamingo recipe over {len(seeds)} seeds", "",
+      f"Seeds {', '.join(map(str, seeds))} (each seed sets the stages' initialisation and data "
+      f"order; the test queries are the same), {seconds:.0f} s in all. Each seed's score is the "
+      "mean of its trials; the last row is the mean ± standard deviation across seeds. Each "
+      "seed's own report: `seed_<s>/report.md`.", "",
+      "| seed | " + " | ".join(f"{title} {s}-shot" for _, title, s in columns)
+      + " | swap ablation (nats) |",
+      "|---|" + "---|" * (len(columns) + 1),
+  ]
+  for i, seed in enumerate(seeds):
+    lines.append(f"| {seed} | " + " | ".join(f"{scores[(t, s)][i]:.1f}" for t, _, s in columns)
+                 + f" | {gap[i]:.3f} |")
+  lines += ["| mean ± std | " + " | ".join(
+      f"{scores[(t, s)].mean():.1f} ± {scores[(t, s)].std():.1f}" for t, _, s in columns)
+            + f" | {gap.mean():.3f} ± {gap.std():.3f} |", "",
+            f"Baselines: VQA majority answer per question type {majority['accuracy']:.1f}%; "
+            f"binding chance {100 / config.eval.shapes.binding_ways:.1f}%. Swap ablation: answer "
+            "NLL with another question's image minus with the question's own "
+            f"(the target asks for {RELIANCE_MARGIN:g} nats).", "",
+            *([] if ceiling is None else [
+                "Binding with every image described in words (the text-only ceiling), mean ± "
+                "std over seeds: " + ", ".join(
+                    f"{s}-shot {np.mean([np.mean(ceiling[x][s]) for x in seeds]):.1f} ± "
+                    f"{np.std([np.mean(ceiling[x][s]) for x in seeds]):.1f}" for s in shots)
+                + ".", ""]),
+            "Targets over the seeds:", *[f"- {name}: {'yes' if ok else 'NO'}"
+                                         for name, ok in checks.items()], ""]
+  (workdir / REPORT).write_text("\n".join(lines))
+  aggregate = {f"{task}/{s}": {"mean": float(scores[(task, s)].mean()),
+                               "std": float(scores[(task, s)].std()),
+                               "seeds": scores[(task, s)].tolist()} for task, _, s in columns}
+  return {"seeds": seeds, "aggregate": aggregate, "checks": checks, "majority": majority,
+          "swap_gap_nats": gap.tolist()}

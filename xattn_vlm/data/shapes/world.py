@@ -1,7 +1,7 @@
 """The shapes world: a built-in synthetic vision-language world, deterministic from a seed.
 
 Scenes of 1-4 coloured, textured shapes on noisy gradient backgrounds are sampled as ground-truth
-dataclasses and drawn with Pillow, so every caption, question, answer and document is generated from
+dataclasses and drawn with numpy, so every caption, question, answer and document is generated from
 the truth and can be checked. The world lets the library train and evaluate end to end with no
 download: captions, VQA, interleaved multi-image documents, few-shot binding episodes (Frozen's fast
 concept binding), a text-only stream to pretrain a tiny LM, and image-text pairs to pretrain a tiny
@@ -25,7 +25,6 @@ import operator
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 SPLITS = ("train", "validation", "test")
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "heart")
@@ -65,7 +64,8 @@ RGB = {
 _ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 _SEEN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELD_OUT_COMBINATIONS)
 _SPLIT_STREAMS = {split: i for i, split in enumerate(SPLITS)}
-_GENERATOR_STREAMS = {"caption": 0, "vqa": 1, "interleaved": 2, "binding": 3, "text": 4, "pair": 5}
+_GENERATOR_STREAMS = {"caption": 0, "vqa": 1, "interleaved": 2, "binding": 3, "text": 4, "pair": 5,
+                      "fewshot": 6}
 
 # Geometry in fractions of the image side: five slots that large objects cannot overlap much.
 _CENTRES = {"left": (0.19, 0.5), "right": (0.81, 0.5), "top": (0.5, 0.19),
@@ -222,31 +222,63 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
   raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """x and y of every pixel's centre, float32 [size, size] each (read-only: cached)."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + np.float32(0.5)
+  yy.flags.writeable = xx.flags.writeable = False
+  return xx, yy
+
+
+def _inside_polygon(xx: np.ndarray, yy: np.ndarray,
+                    vertices: list[tuple[float, float]]) -> np.ndarray:
+  """Even-odd rule for every pixel centre at once: a horizontal ray from the point crosses the
+  outline an odd number of times when the point is inside."""
+  corners = np.asarray(vertices, np.float32)
+  x0, y0 = corners[:, 0], corners[:, 1]
+  x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+  px, py = xx[..., None], yy[..., None]
+  straddles = (y0 > py) != (y1 > py)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    crossing_x = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+  return np.logical_xor.reduce(straddles & (px < crossing_x), axis=-1)
+
+
 def _mask(obj: ShapeObject, size: int) -> np.ndarray:
-  """Boolean [size, size] footprint of an object."""
+  """Boolean [size, size] footprint of an object: the pixels whose centre it covers (drawn in
+  numpy for all pixels at once; Pillow per object was most of a scene's rendering time)."""
   fx, fy = _CENTRES[obj.position]
   cx, cy = (fx + obj.offset[0]) * size, (fy + obj.offset[1]) * size
   r = _RADII[obj.size] * size
-  canvas = Image.new("L", (size, size), 0)
-  draw = ImageDraw.Draw(canvas)
+  xx, yy = _pixel_centres(size)
   if obj.shape == "circle":
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
-  else:
-    draw.polygon(_outline(obj.shape, cx, cy, r), fill=1)
-  return np.asarray(canvas, dtype=bool)
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+  # Only the object's bounding box is tested: every outline lies within 1.05 r of its centre.
+  top, bottom = max(0, int(cy - 1.05 * r)), min(size, int(cy + 1.05 * r) + 2)
+  left, right = max(0, int(cx - 1.05 * r)), min(size, int(cx + 1.05 * r) + 2)
+  mask = np.zeros((size, size), dtype=bool)
+  mask[top:bottom, left:right] = _inside_polygon(xx[top:bottom, left:right],
+                                                 yy[top:bottom, left:right],
+                                                 _outline(obj.shape, cx, cy, r))
+  return mask
 
 
+@functools.lru_cache(maxsize=64)
 def _texture(texture: str, size: int) -> np.ndarray:
-  """Boolean [size, size] pattern of the shaded pixels: none, diagonal stripes or a dot grid."""
+  """Boolean [size, size] pattern of the shaded pixels: none, diagonal stripes or a dot grid
+  (read-only: cached)."""
   yy, xx = np.mgrid[0:size, 0:size]
   period = max(2, round(size / 16))
   if texture == "solid":
-    return np.zeros((size, size), dtype=bool)
-  if texture == "striped":
-    return ((xx + yy) // max(1, period // 2)) % 2 == 1
-  if texture == "dotted":
-    return (xx % period < period // 2) & (yy % period < period // 2)
-  raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
+    pattern = np.zeros((size, size), dtype=bool)
+  elif texture == "striped":
+    pattern = ((xx + yy) // max(1, period // 2)) % 2 == 1
+  elif texture == "dotted":
+    pattern = (xx % period < period // 2) & (yy % period < period // 2)
+  else:
+    raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
+  pattern.flags.writeable = False
+  return pattern
 
 
 def render(scene: Scene, image_size: int = 64) -> np.ndarray:
@@ -254,17 +286,17 @@ def render(scene: Scene, image_size: int = 64) -> np.ndarray:
   if image_size < 8:
     raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
   bg = scene.background
-  yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
+  xx, yy = _pixel_centres(image_size)
   along = math.cos(bg.angle) * xx + math.sin(bg.angle) * yy
   t = ((along - along.min()) / max(float(along.max() - along.min()), 1e-6))[..., None]
   image = (1 - t) * np.float32(bg.start) + t * np.float32(bg.end)
   for obj in scene.objects:
     colour = np.float32(RGB[obj.colour])
-    fill = np.where(_texture(obj.texture, image_size)[..., None], colour * _SHADE, colour)
     mask = _mask(obj, image_size)
-    image[mask] = fill[mask]
-  noise = np.random.default_rng(bg.noise_seed).normal(0.0, bg.noise_std, image.shape)
-  return np.clip(np.rint(image + noise.astype(np.float32)), 0, 255).astype(np.uint8)
+    shaded = _texture(obj.texture, image_size)[mask]
+    image[mask] = np.where(shaded[:, None], colour * np.float32(_SHADE), colour)
+  noise = np.random.default_rng(bg.noise_seed).standard_normal(image.shape, dtype=np.float32)
+  return np.clip(np.rint(image + np.float32(bg.noise_std) * noise), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +324,12 @@ def noun_phrase(obj: ShapeObject, attributes=("size", "colour", "texture")) -> s
 
 def _with_article(phrase: str) -> str:
   return f"{_article(phrase)} {phrase}"
+
+
+def object_description(obj: ShapeObject) -> str:
+  """One object in words, every attribute but its position: "A large red striped star." (what
+  the binding episodes' text-only version shows instead of the image)."""
+  return _capitalise(_with_article(noun_phrase(obj))) + "."
 
 
 _CAPTION_DETAIL = (("size", "colour", "texture"), ("colour",), ("size", "colour"),
@@ -580,6 +618,24 @@ def _text_binding(rng: np.random.Generator, split: str) -> str:
   obj = sample_object(rng, split, "centre", shapes[query])
   sentences.append(f"Here is {_with_article(noun_phrase(obj))}. {QUERY_PROMPT} {names[query]}.")
   return " ".join(sentences)
+
+
+def fewshot_draw(split: str, seed: int, index: int, *, max_shots: int, pool_size: int,
+                 zero_shot_demonstrations: int) -> tuple[int, list[int]]:
+  """Few-shot training episode ``index``: its shot count, uniform in ``0..max_shots``, and the
+  indices of its demonstrations among the first ``pool_size`` train items, distinct and drawn
+  uniformly (``zero_shot_demonstrations`` of them at 0 shots, where they are shown without their
+  images), as the evaluation draws them from its pool."""
+  if max_shots < 0:
+    raise ValueError(f"max_shots must be >= 0, got {max_shots}")
+  needed = max(max_shots, zero_shot_demonstrations)
+  if pool_size < needed:
+    raise ValueError(f"pool_size must be at least {needed} (the most demonstrations an episode "
+                     f"shows), got {pool_size}")
+  rng = _rng(split, "fewshot", seed, index)
+  shots = int(rng.integers(max_shots + 1))
+  count = shots if shots else zero_shot_demonstrations
+  return shots, [int(i) for i in rng.choice(pool_size, size=count, replace=False)]
 
 
 def text_example(split: str, seed: int, index: int) -> dict:
