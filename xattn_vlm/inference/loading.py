@@ -28,12 +28,18 @@ PathLike = str | os.PathLike
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _require(path: PathLike, setting: str) -> None:
+  if not pathlib.Path(path).exists():
+    raise FileNotFoundError(f"{setting}={str(path)!r} does not exist")
+
+
 def _tokenizer_for(path: PathLike, config: ml_collections.ConfigDict, setting: str) -> Tokenizer:
   """The tokenizer at ``path`` for a model of ``config`` whose weights hold the added tokens' rows
   right after the LM vocabulary, in ``config.added_tokens`` order: the tokenizer must give them
   those ids itself (a tokenizer that holds them elsewhere was not the one these weights were
   trained with, and its rows would be read as the wrong tokens)."""
   folder = pathlib.Path(path)
+  _require(path, setting)
   if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
     raise ValueError(f"{setting}={str(path)!r} holds no tokenizer (none of {_TOKENIZER_FILES}): "
                      "give the folder of the tokenizer the model was trained with")
@@ -63,6 +69,8 @@ def import_openflamingo(checkpoint_pt: PathLike, lm: PathLike, vision: PathLike,
     tokenizer: the tokenizer folder (default: ``lm``); its vocabulary must be the config's
       ``lm.vocab_size``.
   """
+  for path, name in ((checkpoint_pt, "checkpoint_pt"), (lm, "lm"), (vision, "vision")):
+    _require(path, name)
   config = model_config.get_model_config(config) if isinstance(config, str) else config
   setting = "tokenizer" if tokenizer is not None else "lm"
   checked = _tokenizer_for(lm if tokenizer is None else tokenizer, config, setting)
@@ -76,6 +84,7 @@ def import_idefics(folder: PathLike, tokenizer: PathLike | None = None, *,
                    ) -> tuple[Flamingo, ml_collections.ConfigDict, Tokenizer]:
   """An IDEFICS folder (``IdeficsForVisionText2Text``: config.json, safetensors, tokenizer) ->
   ``(model, config, tokenizer)``; ``tokenizer`` defaults to ``folder``."""
+  _require(folder, "folder")
   config = pretrained.idefics_config_from_hf(convert.read_config(folder), dtype=dtype,
                                              param_dtype=param_dtype)
   setting = "tokenizer" if tokenizer is not None else "folder"
