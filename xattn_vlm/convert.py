@@ -4,7 +4,7 @@
   python -m xattn_vlm.convert --from=openflamingo --preset=openflamingo_3b \\
       --checkpoint=/models/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt \\
       --lm=/models/mpt-1b-redpajama-200b --vision=/models/clip-vit-large-patch14 \\
-      --tokenizer=/models/gpt-neox-20b --output=/ckpt/of3b
+      --output=/ckpt/of3b
   python -m xattn_vlm.convert --from=idefics --checkpoint=/models/idefics-9b \\
       --model.param_dtype=bfloat16 --output=/ckpt/idefics9b
 
