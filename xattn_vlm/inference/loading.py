@@ -96,7 +96,7 @@ def import_idefics(folder: PathLike, tokenizer: PathLike | None = None, *,
 def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
                     vision: PathLike | None = None,
                     config: ml_collections.ConfigDict | str | None = None,
-                    tokenizer: PathLike | None = None
+                    tokenizer: PathLike | None = None, image_mode: str = "pad"
                     ) -> tuple[Flamingo, Processor, Tokenizer]:
   """A model ready for ``generate`` and the harness, with its processor and tokenizer.
 
@@ -105,7 +105,9 @@ def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
     * an IDEFICS folder (its config.json says ``model_type: idefics``);
     * OpenFlamingo's ``checkpoint.pt``, with ``lm``, ``vision`` and ``config`` (the preset name,
       e.g. ``"openflamingo_3b"``) as ``import_openflamingo`` takes them.
-  ``tokenizer`` replaces the tokenizer that goes with the files (see the functions above).
+  ``tokenizer`` replaces the tokenizer that goes with the files (see the functions above);
+  ``image_mode`` is the processor's (``crop``: CLIP's centre crop, as OpenFlamingo's models were
+  evaluated).
 
     model, processor, tokenizer = xattn_vlm.from_pretrained("/ckpt/of3b")
     generate(model, processor, ["<image>Output:"], [["cat.jpg"]])
@@ -134,4 +136,4 @@ def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
     else:
       raise ValueError(f"path={str(path)!r} holds neither {checkpoint.CHECKPOINTS}/ (a converted "
                        "model or a training run) nor config.json (an IDEFICS folder)")
-  return model, Processor.from_model_config(model.config, loaded), loaded
+  return model, Processor.from_model_config(model.config, loaded, image_mode=image_mode), loaded
