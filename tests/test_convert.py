@@ -235,6 +235,10 @@ def test_the_trainer_fine_tunes_a_converted_model(converted, tmp_path):
     if key.startswith(("lm/", "vision/")):  # frozen: the converted weights, unchanged
       np.testing.assert_array_equal(after[key], start[key], err_msg=key)
   assert not np.array_equal(after["resampler/latents"], start["resampler/latents"])
+  # The run's model and tokenizer come back as they went in: the converted one's.
+  model, _, tokenizer = xattn_vlm.from_pretrained(tmp_path / "run")
+  assert tokenizer.encode("w3 <image> w9") == [3, ref.MEDIA, 9]
+  assert leaves(nnx.state(model, nnx.Param)).keys() == start.keys()
 
   config.model.xattn.every_n_layers = 2
   with pytest.raises(ValueError, match=r"config\.init\.flamingo_workdir=.* holds a different "

@@ -34,8 +34,8 @@ flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training ru
                     "model converted by python -m xattn_vlm.convert.")
 flags.DEFINE_string("output_dir", None, "Where predictions and results are written.")
 flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
-                    "checkpoint's tokenizer/ folder, which a conversion writes, else the built-in "
-                    "shapes-world tokenizer).")
+                    "checkpoint's tokenizer/ folder, which a conversion writes, else the run's "
+                    "config.data.tokenizer, else the built-in shapes-world tokenizer).")
 flags.DEFINE_string("model_name", "ours", "Name of our rows in the results table.")
 flags.DEFINE_enum("image_mode", "pad", images_lib.MODES, "How an image becomes the tower's "
                   "square: pad (keep all of it) or crop (CLIP's centre crop, as OpenFlamingo's "
