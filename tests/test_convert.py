@@ -1,8 +1,9 @@
 """``python -m xattn_vlm.convert`` end to end, over tiny reference models saved as the published
 files are (``reference_models``): OpenFlamingo MPT-1B (MosaicGPT) and v1 LLaMA (its LM as
 ``pytorch_model.bin``), and IDEFICS, each converted by the command, then read back by
-``xattn_vlm.from_pretrained``, give the reference model's logits (1e-4) and its 20 greedy tokens; ``from_pretrained`` on the published files gives
-the same parameters as the conversion; ``prompt`` and ``evaluate`` run on a converted directory;
+``xattn_vlm.from_pretrained``, give the reference model's logits (1e-4) and its 20 greedy
+tokens; ``from_pretrained`` on the published files gives the same parameters as the conversion;
+``prompt`` (with ``--image_mode=crop``) and ``evaluate`` run on a converted directory;
 the trainer fine-tunes from one (``config.init.flamingo_workdir``). A missing, extra or misshapen
 tensor, or a tokenizer whose special-token ids disagree with the weights, is one line on stderr
 naming it, exit code 2, and no output directory.
@@ -202,13 +203,14 @@ def test_prompt_and_evaluate_read_a_converted_directory(converted, tmp_path):
   text = "<image>w5 w6 w7"
   shown, evaluated = run_all([
       ("xattn_vlm.prompt", f"--checkpoint={output}", f"--image={image}", f"--text={text}",
-       "--max_new_tokens=5", "--num_beams=1"),
+       "--max_new_tokens=5", "--num_beams=1", "--image_mode=crop"),
       ("xattn_vlm.evaluate", f"--checkpoint={output}", f"--output_dir={tmp_path / 'eval'}",
        "--eval.tasks=shapes_vqa", "--eval.shots=0", "--eval.trials=1",
        "--eval.num_beams=1", "--eval.batch_size=8", "--eval.shapes.num_queries=4",
        "--eval.shapes.pool_size=8")])
   assert shown.returncode == 0, shown.stderr[-3000:]
-  model, processor, _ = xattn_vlm.from_pretrained(output)
+  model, processor, _ = xattn_vlm.from_pretrained(output, image_mode="crop")
+  assert processor.image_mode == "crop"
   expected = generate(model, processor, [text], [[image]], max_new_tokens=5, num_beams=1).text[0]
   assert shown.stdout.strip().splitlines()[-1] == expected.strip() and expected.strip()
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -233,6 +235,10 @@ def test_the_trainer_fine_tunes_a_converted_model(converted, tmp_path):
     if key.startswith(("lm/", "vision/")):  # frozen: the converted weights, unchanged
       np.testing.assert_array_equal(after[key], start[key], err_msg=key)
   assert not np.array_equal(after["resampler/latents"], start["resampler/latents"])
+  # The run's model and tokenizer come back as they went in: the converted one's.
+  model, _, tokenizer = xattn_vlm.from_pretrained(tmp_path / "run")
+  assert tokenizer.encode("w3 <image> w9") == [3, ref.MEDIA, 9]
+  assert leaves(nnx.state(model, nnx.Param)).keys() == start.keys()
 
   config.model.xattn.every_n_layers = 2
   with pytest.raises(ValueError, match=r"config\.init\.flamingo_workdir=.* holds a different "

@@ -188,10 +188,12 @@ def load_tokenizer(workdir: str, model_config: ml_collections.ConfigDict,
                    path: str | None = None) -> Tokenizer:
   """The tokenizer for the model of ``workdir``, built for ``model_config``: ``path`` when given
   (a Hugging Face folder or .gguf file), else the ``tokenizer/`` folder a conversion wrote, else
-  the shapes world's."""
+  the run's own (``config.data.tokenizer``), else the shapes world's."""
   if path is None and "://" not in str(workdir):
     saved = pathlib.Path(workdir) / TOKENIZER
     path = str(saved) if saved.is_dir() else None
+  if path is None:
+    path = get_field(config_json(saved_config(workdir)), "data.tokenizer") or None
   if path is None:
     return default_tokenizer()
   return Tokenizer.from_pretrained(path, model_config=model_config)

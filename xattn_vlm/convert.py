@@ -4,7 +4,7 @@
   python -m xattn_vlm.convert --from=openflamingo --preset=openflamingo_3b \\
       --checkpoint=/models/OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt \\
       --lm=/models/mpt-1b-redpajama-200b --vision=/models/clip-vit-large-patch14 \\
-      --tokenizer=/models/gpt-neox-20b --output=/ckpt/of3b
+      --output=/ckpt/of3b
   python -m xattn_vlm.convert --from=idefics --checkpoint=/models/idefics-9b \\
       --model.param_dtype=bfloat16 --output=/ckpt/idefics9b
 
@@ -24,6 +24,7 @@ memory-mapped), so the host holds the weights once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from absl import flags
@@ -67,6 +68,10 @@ def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = 
   the module docstring; the arguments are its flags, ``changes`` the ``--model.*`` ones)."""
   changes = changes or {}
   checkpoint.require_new_directory(output)
+  for flag, path in (("--checkpoint", checkpoint_path), ("--lm", lm), ("--vision", vision),
+                     ("--tokenizer", tokenizer)):
+    if path is not None and not os.path.exists(path):
+      raise FileNotFoundError(f"{flag}={path!r} does not exist")
   openflamingo_only = {"--lm": lm, "--vision": vision, "--preset": preset}
   if source == "openflamingo":
     missing = [name for name, value in openflamingo_only.items() if value is None]
@@ -96,12 +101,9 @@ def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = 
 
 def main() -> None:
   def job():
-    if FLAGS["from"].value == "openflamingo":
-      try:
-        import torch  # pylint: disable=import-outside-toplevel,unused-import
-      except ImportError:
-        cli.fail("convert", "reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
-                 "pip install 'xattn_vlm[convert]'")
+    if FLAGS["from"].value == "openflamingo" and importlib.util.find_spec("torch") is None:
+      cli.fail("convert", "reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
+               "pip install 'xattn_vlm[convert]'")
     convert(FLAGS["from"].value, FLAGS.checkpoint, FLAGS.output, lm=FLAGS.lm,
             vision=FLAGS.vision, preset=FLAGS.preset, tokenizer=FLAGS.tokenizer,
             changes=_changes())

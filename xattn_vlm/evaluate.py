@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from xattn_vlm import checkpoint
 from xattn_vlm import cli
 from xattn_vlm import distributed
+from xattn_vlm.data import images as images_lib
 from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
 
@@ -33,9 +34,12 @@ flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training ru
                     "model converted by python -m xattn_vlm.convert.")
 flags.DEFINE_string("output_dir", None, "Where predictions and results are written.")
 flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
-                    "checkpoint's tokenizer/ folder, which a conversion writes, else the built-in "
-                    "shapes-world tokenizer).")
+                    "checkpoint's tokenizer/ folder, which a conversion writes, else the run's "
+                    "config.data.tokenizer, else the built-in shapes-world tokenizer).")
 flags.DEFINE_string("model_name", "ours", "Name of our rows in the results table.")
+flags.DEFINE_enum("image_mode", "pad", images_lib.MODES, "How an image becomes the tower's "
+                  "square: pad (keep all of it) or crop (CLIP's centre crop, as OpenFlamingo's "
+                  "models were evaluated).")
 flags.DEFINE_bool("multiprocess", False, "Join a multi-process run before evaluating.")
 config_flags.DEFINE_config_dict("eval", runner.default_config(), "Evaluation settings.")
 flags.mark_flags_as_required(["checkpoint", "output_dir"])
@@ -48,7 +52,7 @@ def evaluate() -> None:
   runner.check_config(FLAGS.eval)
   model = checkpoint.load_flamingo(FLAGS.checkpoint)
   tokenizer = checkpoint.load_tokenizer(FLAGS.checkpoint, model.config, FLAGS.tokenizer)
-  processor = Processor.from_model_config(model.config, tokenizer)
+  processor = Processor.from_model_config(model.config, tokenizer, image_mode=FLAGS.image_mode)
   runner.evaluate(model, processor, FLAGS.eval, FLAGS.output_dir, model_name=FLAGS.model_name)
   if jax.process_index() == 0:
     print((pathlib.Path(FLAGS.output_dir) / runner.RESULTS_MD).read_text())

@@ -19,6 +19,7 @@ from flax import nnx
 from xattn_vlm import checkpoint
 from xattn_vlm import cli
 from xattn_vlm.data import Tokenizer, default_tokenizer
+from xattn_vlm.data import images as images_lib
 from xattn_vlm.inference import Processor, generate
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models.flamingo import Flamingo
@@ -27,8 +28,11 @@ flags.DEFINE_string("checkpoint", None, "Workdir of a flamingo-stage training ru
                     "model converted by python -m xattn_vlm.convert.")
 flags.DEFINE_string("config", None, "Model preset name for a fresh random model, e.g. tiny.")
 flags.DEFINE_string("tokenizer", None, "Local Hugging Face tokenizer folder (default: the "
-                    "checkpoint's tokenizer/ folder, which a conversion writes, else the built-in "
-                    "shapes-world tokenizer).")
+                    "checkpoint's tokenizer/ folder, which a conversion writes, else the run's "
+                    "config.data.tokenizer, else the built-in shapes-world tokenizer).")
+flags.DEFINE_enum("image_mode", "pad", images_lib.MODES, "How an image becomes the tower's "
+                  "square: pad (keep all of it) or crop (CLIP's centre crop, as OpenFlamingo's "
+                  "models were evaluated).")
 flags.DEFINE_multi_string("image", [], "An image file; repeat for each <image> in --text.")
 flags.DEFINE_string("text", None, "The prompt, with one <image> placeholder per --image.")
 flags.DEFINE_integer("max_new_tokens", 20, "At most this many new tokens.")
@@ -45,7 +49,7 @@ FLAGS = flags.FLAGS
 
 
 def build(checkpoint_dir: str | None, preset: str | None, tokenizer_dir: str | None,
-          seed: int) -> tuple[Flamingo, Processor]:
+          seed: int, image_mode: str = "pad") -> tuple[Flamingo, Processor]:
   """The model (from a checkpoint, or fresh from a preset) and its processor."""
   if checkpoint_dir is not None:
     model = checkpoint.load_flamingo(checkpoint_dir, setting="--checkpoint")
@@ -58,11 +62,12 @@ def build(checkpoint_dir: str | None, preset: str | None, tokenizer_dir: str | N
     config.lm.vocab_size = tokenizer.lm_vocab_size
     config.added_tokens = tokenizer.added_tokens
     model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(seed)))()
-  return model, Processor.from_model_config(model.config, tokenizer)
+  return model, Processor.from_model_config(model.config, tokenizer, image_mode=image_mode)
 
 
 def prompt() -> None:
-  model, processor = build(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.seed)
+  model, processor = build(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.seed,
+                           FLAGS.image_mode)
   result = generate(model, processor, [FLAGS.text], [FLAGS.image],
                     max_new_tokens=FLAGS.max_new_tokens, num_beams=FLAGS.num_beams,
                     length_penalty=FLAGS.length_penalty, do_sample=FLAGS.do_sample,

@@ -28,12 +28,18 @@ PathLike = str | os.PathLike
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _require(path: PathLike, setting: str) -> None:
+  if not pathlib.Path(path).exists():
+    raise FileNotFoundError(f"{setting}={str(path)!r} does not exist")
+
+
 def _tokenizer_for(path: PathLike, config: ml_collections.ConfigDict, setting: str) -> Tokenizer:
   """The tokenizer at ``path`` for a model of ``config`` whose weights hold the added tokens' rows
   right after the LM vocabulary, in ``config.added_tokens`` order: the tokenizer must give them
   those ids itself (a tokenizer that holds them elsewhere was not the one these weights were
   trained with, and its rows would be read as the wrong tokens)."""
   folder = pathlib.Path(path)
+  _require(path, setting)
   if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
     raise ValueError(f"{setting}={str(path)!r} holds no tokenizer (none of {_TOKENIZER_FILES}): "
                      "give the folder of the tokenizer the model was trained with")
@@ -63,6 +69,8 @@ def import_openflamingo(checkpoint_pt: PathLike, lm: PathLike, vision: PathLike,
     tokenizer: the tokenizer folder (default: ``lm``); its vocabulary must be the config's
       ``lm.vocab_size``.
   """
+  for path, name in ((checkpoint_pt, "checkpoint_pt"), (lm, "lm"), (vision, "vision")):
+    _require(path, name)
   config = model_config.get_model_config(config) if isinstance(config, str) else config
   setting = "tokenizer" if tokenizer is not None else "lm"
   checked = _tokenizer_for(lm if tokenizer is None else tokenizer, config, setting)
@@ -76,6 +84,7 @@ def import_idefics(folder: PathLike, tokenizer: PathLike | None = None, *,
                    ) -> tuple[Flamingo, ml_collections.ConfigDict, Tokenizer]:
   """An IDEFICS folder (``IdeficsForVisionText2Text``: config.json, safetensors, tokenizer) ->
   ``(model, config, tokenizer)``; ``tokenizer`` defaults to ``folder``."""
+  _require(folder, "folder")
   config = pretrained.idefics_config_from_hf(convert.read_config(folder), dtype=dtype,
                                              param_dtype=param_dtype)
   setting = "tokenizer" if tokenizer is not None else "folder"
@@ -87,7 +96,7 @@ def import_idefics(folder: PathLike, tokenizer: PathLike | None = None, *,
 def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
                     vision: PathLike | None = None,
                     config: ml_collections.ConfigDict | str | None = None,
-                    tokenizer: PathLike | None = None
+                    tokenizer: PathLike | None = None, image_mode: str = "pad"
                     ) -> tuple[Flamingo, Processor, Tokenizer]:
   """A model ready for ``generate`` and the harness, with its processor and tokenizer.
 
@@ -96,7 +105,9 @@ def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
     * an IDEFICS folder (its config.json says ``model_type: idefics``);
     * OpenFlamingo's ``checkpoint.pt``, with ``lm``, ``vision`` and ``config`` (the preset name,
       e.g. ``"openflamingo_3b"``) as ``import_openflamingo`` takes them.
-  ``tokenizer`` replaces the tokenizer that goes with the files (see the functions above).
+  ``tokenizer`` replaces the tokenizer that goes with the files (see the functions above);
+  ``image_mode`` is the processor's (``crop``: CLIP's centre crop, as OpenFlamingo's models were
+  evaluated).
 
     model, processor, tokenizer = xattn_vlm.from_pretrained("/ckpt/of3b")
     generate(model, processor, ["<image>Output:"], [["cat.jpg"]])
@@ -125,4 +136,4 @@ def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
     else:
       raise ValueError(f"path={str(path)!r} holds neither {checkpoint.CHECKPOINTS}/ (a converted "
                        "model or a training run) nor config.json (an IDEFICS folder)")
-  return model, Processor.from_model_config(model.config, loaded), loaded
+  return model, Processor.from_model_config(model.config, loaded, image_mode=image_mode), loaded
