@@ -4,7 +4,8 @@ against the number of images, prefill cost against prompt length.
 COMMAND: python -m benchmarks.generate --batch_size=8 --new_tokens=20 --repeats=5
 
 ``--attention=explicit,fused`` measures the first table once per ``config.model.attention`` in
-the same process (the later tables use the last one).
+the same process, the settings timed in turn within each repeat (the later tables use the last
+one).
 
 The workload is a 4-shot captioning prompt: ``(<image>Output: caption<|endofchunk|>) x 4`` then
 ``<image>Output: a``, 5 images of 64x64, 84 tokens, random weights and token ids (speed does not
@@ -125,19 +126,31 @@ def benchmark() -> None:
         f"{jax.devices()[0].device_kind}, medians of {repeats}\n")
   print("| attention | decoding | wall time (s, prefill included) | new tokens/s | speedup |")
   print("|---|---|---|---|---|")
-  for attention in _ATTENTION.value:
-    model = _model(config, attention)
-    cached = common.median_time(gen(model, batch, n), repeats)
-    uncached = common.median_time(gen(model, batch, n, use_cache=False), repeats)
-    prefill_args = (model.graph, model.params, batch.images, batch.input_ids,
-                    batch.attention_mask, n)
-    prefill_time = common.median_time(lambda: prefill(*prefill_args)[0], repeats)
-    beam = common.median_time(gen(model, batch, n, num_beams=3), repeats)
-    for name, seconds in (("recomputed (LM + gated blocks per token)", uncached),
-                          ("cached, greedy", cached), ("cached, beam 3", beam)):
-      print(f"| {attention} | {name} | {seconds:.3f} | {b * n / seconds:,.0f} | "
-            f"{uncached / seconds:.1f}x |")
-    print(f"| {attention} | prefill alone | {prefill_time:.3f} | | |")
+  models = {attention: _model(config, attention) for attention in _ATTENTION.value}
+
+  def prefill_of(model):
+    return lambda: prefill(model.graph, model.params, batch.images, batch.input_ids,
+                           batch.attention_mask, n)[0]
+
+  rows = {}
+  for name, run in (("recomputed (LM + gated blocks per token)",
+                     lambda m: gen(m, batch, n, use_cache=False)),
+                    ("cached, greedy", lambda m: gen(m, batch, n)),
+                    ("cached, beam 3", lambda m: gen(m, batch, n, num_beams=3)),
+                    ("prefill alone", prefill_of)):
+    rows[name] = common.interleaved_medians({a: run(m) for a, m in models.items()}, repeats)
+  for attention in models:
+    uncached = rows["recomputed (LM + gated blocks per token)"][attention]
+    for name, seconds in rows.items():
+      if name == "prefill alone":
+        print(f"| {attention} | {name} | {seconds[attention]:.3f} | | |")
+      else:
+        print(f"| {attention} | {name} | {seconds[attention]:.3f} | "
+              f"{b * n / seconds[attention]:,.0f} | {uncached / seconds[attention]:.1f}x |")
+  model = models[_ATTENTION.value[-1]]
+  prefill_args = (model.graph, model.params, batch.images, batch.input_ids, batch.attention_mask,
+                  n)
+  prefill_time = rows["prefill alone"][_ATTENTION.value[-1]]
   prefill_flops = prefill.lower(*prefill_args).compile().cost_analysis()["flops"]
   media_flops = encode_media.lower(model.graph, model.params,
                                    batch.images).compile().cost_analysis()["flops"]
