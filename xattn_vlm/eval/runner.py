@@ -266,6 +266,8 @@ class Evaluator:
     return digest.hexdigest()[:12]
 
   def _image_features(self, sources: Sequence) -> np.ndarray:
+    if self.vision_features is not None:  # the tower's features, which the prompts reuse
+      return self.vision_features(sources).mean(axis=1)
     p = self.processor
     pixels = np.stack([images_lib.preprocess_image(source, size=p.image_size, mean=p.image_mean,
                                                    std=p.image_std, mode=p.image_mode)
