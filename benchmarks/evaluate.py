@@ -14,11 +14,12 @@ greedy: open_flamingo 2.0.1's beam search fails under the transformers installed
 ``FlamingoLMMixin.forward`` misses the ``attention_mask`` Hugging Face's beam-search prefill no
 longer passes). Images are random 16x16 pictures; captions, questions and answers random words.
 
-Ours: ``eval.runner.Evaluator`` as an evaluation runs it (vision features once per image, length
-groups), cold (compiling) and warm (a second evaluation in the same process: compiled programs
+Ours: ``eval.runner.Evaluator.run`` timed whole, as an evaluation runs it (demonstrations,
+prompts, vision features once per image, length groups, scoring, logs and results files), cold (compiling) and warm (a second evaluation in the same process: compiled programs
 reused, features computed again in a fresh output directory), and warm with both switched off
 (its programs compiled by a first run of that setting).
-OpenFlamingo: its ``evaluate_captioning`` / ``evaluate_vqa`` per-batch loop, reproduced (its
+OpenFlamingo: its ``evaluate_captioning`` / ``evaluate_vqa`` per-batch loop, timed alone
+(without its scoring), reproduced (its
 module imports its datasets, open_clip and torch.distributed at import time, and draws its own
 demonstrations; the loop is fed the prompts our harness built, so both sides see the same
 demonstrations): per batch, every image of every prompt preprocessed and stacked into
