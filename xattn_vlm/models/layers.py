@@ -320,9 +320,6 @@ def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 
 
 ATTENTION = ("auto", "fused", "explicit")
-# What ``auto`` runs on CPU, where XLA fuses neither path into one kernel: the faster of the two
-# in benchmarks/train_step.py and benchmarks/generate.py (docs/performance.md).
-AUTO_ON_CPU = "explicit"
 
 
 def check_attention(attention: str) -> str:
@@ -341,9 +338,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 
   ``attention`` (``config.model.attention``): ``fused`` calls ``jax.nn.dot_product_attention``
   (the kernel is JAX's choice for the platform), ``explicit`` the jnp code of
-  ``_explicit_attention``, ``auto`` fused except on CPU, where it runs ``AUTO_ON_CPU``; the
-  platform is the one the computation is lowered for, so an ahead-of-time compile for TPU on a
-  CPU host gets the TPU choice.
+  ``_explicit_attention``, ``auto`` fused except on CPU, where explicit is the faster
+  (docs/performance.md); the platform is the one the computation is lowered for, so an
+  ahead-of-time compile for TPU on a CPU host gets the TPU choice.
   """
   h, hkv = q.shape[2], k.shape[1]
   if h % hkv:
@@ -351,12 +348,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   if bias is not None and (bias.ndim not in (3, 4) or bias.shape[-3] != h):
     raise ValueError(f"attention bias must be [{h}, L, S] or [B, {h}, L, S] ({h} query heads), "
                      f"got shape {bias.shape}")
-  implementations = {"fused": _fused_attention, "explicit": _explicit_attention}
-  if check_attention(attention) != "auto":
-    return implementations[attention](q, k, v, mask, bias)
-  if AUTO_ON_CPU == "fused":
+  if check_attention(attention) == "fused":
     return _fused_attention(q, k, v, mask, bias)
-  return jax.lax.platform_dependent(q, k, v, mask, bias, cpu=implementations[AUTO_ON_CPU],
+  if attention == "explicit":
+    return _explicit_attention(q, k, v, mask, bias)
+  return jax.lax.platform_dependent(q, k, v, mask, bias, cpu=_explicit_attention,
                                     default=_fused_attention)
 
 
