@@ -130,6 +130,14 @@ class VisionFeatureCache:
 
   def __call__(self, sources: Sequence[ImageLike]) -> np.ndarray:
     """Features [len(sources), P, D] float32, in order (computing the missing ones)."""
+    keys = self.precompute(sources)
+    return np.stack([self._features(key) for key, _ in keys]) if keys else np.zeros(
+        (0,) + self.feature_shape, np.float32)
+
+  def precompute(self, sources: Sequence[ImageLike]) -> list[tuple[str, str | None]]:
+    """Computes the features of those of ``sources`` not cached yet, in full batches (call it
+    with every image about to be shown: one prompt's few images would make part-empty batches);
+    returns their keys."""
     keys = [_image_key(source) for source in sources]
     missing = {}
     for source, (key, stamp) in zip(sources, keys):
@@ -141,8 +149,7 @@ class VisionFeatureCache:
       if entry is None and key not in missing:
         missing[key] = (source, stamp)
     self._compute(missing)
-    return np.stack([self._features(key) for key, _ in keys]) if keys else np.zeros(
-        (0,) + self.feature_shape, np.float32)
+    return keys
 
   @functools.cached_property
   def feature_shape(self) -> tuple[int, ...]:

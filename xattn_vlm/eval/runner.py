@@ -344,6 +344,9 @@ class Evaluator:
     if pending:
       prompts = self.prompts(cell)
       length, num_images = self._shape(cell)
+      if self.vision_features is not None:
+        self.vision_features.precompute([image for prompt, _ in prompts
+                                         for image in prompt.images])
       for indices in self._batches(cell, prompts):
         batch = [(queries[i], prompts[i]) for i in indices]
         if not any(query["id"] in pending for query, _ in batch):
