@@ -28,6 +28,22 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
   return statistics.median(times(fn, repeats, warmup))
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+  """The median wall time of each of ``fns``, called in turn within every repeat: on a shared
+  machine a change of load then moves all of them, not whichever ran at the time."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  out = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      out[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in out.items()}
+
+
 def load_average() -> str:
   """The 1, 5 and 15 minute load averages, printed with the figures they qualify: this machine is
   shared, so a figure is only as good as the load it ran under."""

@@ -3,6 +3,10 @@ against the number of images, prefill cost against prompt length.
 
 COMMAND: python -m benchmarks.generate --batch_size=8 --new_tokens=20 --repeats=5
 
+``--attention=explicit,fused`` measures the first table once per ``config.model.attention`` in
+the same process, the settings timed in turn within each repeat (the later tables use the last
+one).
+
 The workload is a 4-shot captioning prompt: ``(<image>Output: caption<|endofchunk|>) x 4`` then
 ``<image>Output: a``, 5 images of 64x64, 84 tokens, random weights and token ids (speed does not
 depend on them). Stop tokens are disabled so every sequence generates exactly ``--new_tokens``
@@ -44,6 +48,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "prompts per batch")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 20, "tokens generated per prompt")
 _DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 64, "tokens timed for the per-token cost")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per row (the median is reported)")
+_ATTENTION = flags.DEFINE_list("attention", ["auto"], "config.model.attention values to measure")
 _SHOTS = 4
 _SHOT_TOKENS = 20  # <image>, "Output:" (2 tokens), a 16-token caption, <|endofchunk|>
 _QUERY_TOKENS = 4  # <image>Output: a
@@ -94,41 +99,61 @@ def decode_loop(graph, params, logits, cache, config):
   return decoding.sample_loop(logits, cache, step, config, jax.random.key(0)).tokens
 
 
-def benchmark() -> None:
-  config = model_config.bench_small()
+def _model(config, attention: str) -> InferenceModel:
+  config = config.copy_and_resolve_references()
+  config.attention = attention
   model = nnx.jit(lambda: Flamingo(config, rngs=nnx.Rngs(0)))()
   for block in model.gated_blocks:  # open gates: the cross-attention runs as in a trained model
     block.attn_gate[...] = jnp.asarray(1.0)
     block.ffw_gate[...] = jnp.asarray(1.0)
-  model = InferenceModel(model)
+  return InferenceModel(model)
+
+
+def benchmark() -> None:
+  config = model_config.bench_small()
   b, n, repeats = _BATCH_SIZE.value, _NEW_TOKENS.value, _REPEATS.value
   print(f"before: {common.load_average()}")
 
-  def gen(batch, new_tokens, **kw):
+  def gen(model, batch, new_tokens, **kw):
     cfg = GenerationConfig(max_new_tokens=new_tokens,
                            suppress_token_ids=(config.lm.vocab_size,), **kw)
     return lambda: generate_tokens(model, batch, cfg).tokens
 
   batch = few_shot_batch(config, b, _SHOTS + 1)
   length = batch.input_ids.shape[1]
-  cached = common.median_time(gen(batch, n), repeats)
-  uncached = common.median_time(gen(batch, n, use_cache=False), repeats)
-  prefill_args = (model.graph, model.params, batch.images, batch.input_ids, batch.attention_mask,
-                  n)
-  prefill_time = common.median_time(lambda: prefill(*prefill_args)[0], repeats)
-  prefill_flops = prefill.lower(*prefill_args).compile().cost_analysis()["flops"]
-  media_flops = encode_media.lower(model.graph, model.params,
-                                   batch.images).compile().cost_analysis()["flops"]
-  beam = common.median_time(gen(batch, n, num_beams=3), repeats)
   print(f"bench_small, {_SHOTS}-shot captioning prompt: batch {b}, {_SHOTS + 1} images of "
         f"{config.vision.image_size}px, {length} tokens, {n} new tokens; device "
         f"{jax.devices()[0].device_kind}, medians of {repeats}\n")
-  print("| decoding | wall time (s, prefill included) | new tokens/s | speedup |")
-  print("|---|---|---|---|")
-  for name, seconds in (("recomputed (LM + gated blocks per token)", uncached),
-                        ("cached, greedy", cached), ("cached, beam 3", beam)):
-    print(f"| {name} | {seconds:.3f} | {b * n / seconds:,.0f} | {uncached / seconds:.1f}x |")
-  print(f"| prefill alone | {prefill_time:.3f} | | |")
+  print("| attention | decoding | wall time (s, prefill included) | new tokens/s | speedup |")
+  print("|---|---|---|---|---|")
+  models = {attention: _model(config, attention) for attention in _ATTENTION.value}
+
+  def prefill_of(model):
+    return lambda: prefill(model.graph, model.params, batch.images, batch.input_ids,
+                           batch.attention_mask, n)[0]
+
+  rows = {}
+  for name, run in (("recomputed (LM + gated blocks per token)",
+                     lambda m: gen(m, batch, n, use_cache=False)),
+                    ("cached, greedy", lambda m: gen(m, batch, n)),
+                    ("cached, beam 3", lambda m: gen(m, batch, n, num_beams=3)),
+                    ("prefill alone", prefill_of)):
+    rows[name] = common.interleaved_medians({a: run(m) for a, m in models.items()}, repeats)
+  for attention in models:
+    uncached = rows["recomputed (LM + gated blocks per token)"][attention]
+    for name, seconds in rows.items():
+      if name == "prefill alone":
+        print(f"| {attention} | {name} | {seconds[attention]:.3f} | | |")
+      else:
+        print(f"| {attention} | {name} | {seconds[attention]:.3f} | "
+              f"{b * n / seconds[attention]:,.0f} | {uncached / seconds[attention]:.1f}x |")
+  model = models[_ATTENTION.value[-1]]
+  prefill_args = (model.graph, model.params, batch.images, batch.input_ids, batch.attention_mask,
+                  n)
+  prefill_time = rows["prefill alone"][_ATTENTION.value[-1]]
+  prefill_flops = prefill.lower(*prefill_args).compile().cost_analysis()["flops"]
+  media_flops = encode_media.lower(model.graph, model.params,
+                                   batch.images).compile().cost_analysis()["flops"]
   peak = flops.measure_matmul_peak(repeats=repeats)
   print(f"\nprefill: {prefill_flops / 1e9:.1f} GFLOP (XLA cost analysis; vision tower and "
         f"resampler {media_flops / 1e9:.1f}, LM and gated blocks "

@@ -25,6 +25,7 @@ COMMAND: python -m benchmarks.train_step --steps=10 --warmup=2
 calls too.)
 (``--devices=N`` measures N forced devices in this process; by default one subprocess runs each
 of 1 and 8.)
+(``--attention=explicit,fused`` measures each ``config.model.attention`` in the same process.)
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from xattn_vlm import cli
 _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+_ATTENTION = flags.DEFINE_list("attention", ["auto"], "config.model.attention values to measure")
 _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is taken)
 
 
-def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
+def _measure(devices: int, steps: int, warmup: int, attention: str) -> list[dict]:
   """Runs in a process whose XLA_FLAGS force ``devices`` host devices."""
   # pylint: disable=import-outside-toplevel  # jax must see this process's XLA_FLAGS first
   import jax
@@ -59,6 +61,7 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
 
   config = configs.base_config()
   config.model = model_config.bench_small()
+  config.model.attention = attention
   config.data.max_tokens = 128
   config.data.max_images = 1
   config.data.datasets = dict(bench=configs.dataset("shapes", batch_size=8, kind="caption"))
@@ -105,7 +108,7 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
     seconds, peak, idle_peak = float(np.median(times)), float(np.median(peaks)), max(back_to_back)
     model_flops = flops.step_flops(config, jax.tree.map(lambda x: x.shape, batches))
     mfu = float(np.median([model_flops / t / p for t, p in zip(times, peaks)]))
-    rows.append(dict(devices=devices, media=name, step_s=seconds, compile_s=compile_s,
+    rows.append(dict(devices=devices, media=name, attention=attention, step_s=seconds, compile_s=compile_s,
                      tokens_per_s=batch_size * length / seconds,
                      tflops=model_flops / seconds / 1e12, mfu=mfu, peak_tflops=peak / 1e12,
                      mfu_back_to_back=model_flops / seconds / idle_peak,
@@ -119,7 +122,8 @@ def benchmark() -> None:
   reuse = flags.FLAGS.reuse_freed_memory
   steps, warmup = _STEPS.value, _WARMUP.value
   if _DEVICES.value:
-    print(json.dumps(_measure(_DEVICES.value, steps, warmup)))
+    print(json.dumps([row for attention in _ATTENTION.value
+                      for row in _measure(_DEVICES.value, steps, warmup, attention)]))
     return
   rows = []
   for devices in (1, 8):
@@ -127,20 +131,21 @@ def benchmark() -> None:
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--devices={devices}",
                           f"--steps={steps}", f"--warmup={warmup}",
-                          f"--reuse_freed_memory={reuse}"],
+                          f"--reuse_freed_memory={reuse}",
+                          f"--attention={','.join(_ATTENTION.value)}"],
                          cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, check=True,
                          capture_output=True, text=True).stdout
     rows += json.loads(out.strip().splitlines()[-1])
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up; "
         f"host.reuse_freed_memory: {reuse}")
-  print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
+  print("| devices | attention | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
         "MFU back-to-back | peak per-step TFLOP/s | peak back-to-back TFLOP/s (before, after) | "
         "load average |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     before, after = r["peak_back_to_back_tflops"]
-    print(f"| {r['devices']} | {r['media']} | {r['step_s']:.3f} | {r['compile_s']:.1f} | "
+    print(f"| {r['devices']} | {r['attention']} | {r['media']} | {r['step_s']:.3f} | {r['compile_s']:.1f} | "
           f"{r['tokens_per_s']:,.0f} | {r['tflops']:.4f} | {r['mfu']:.1%} | "
           f"{r['mfu_back_to_back']:.1%} | {r['peak_tflops']:.3f} | {before:.3f}, {after:.3f} | "
           f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")

@@ -9,7 +9,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module", params=("explicit", "fused"))
+def attention(request) -> str:
+  """Each attention implementation (``config.model.attention``) in turn, for the tests that pin
+  masking, zero gates, prefill/decode and parity."""
+  return request.param

@@ -37,14 +37,20 @@ IDS = jnp.array([
 ])
 
 
-@pytest.fixture(scope="module")
-def model():
-  return Flamingo(CFG, rngs=nnx.Rngs(0))
+def _tiny(attention: str):
+  config = model_config.tiny()
+  config.attention = attention
+  return config
 
 
 @pytest.fixture(scope="module")
-def open_model():
-  m = Flamingo(CFG, rngs=nnx.Rngs(1))
+def model(attention):
+  return Flamingo(_tiny(attention), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def open_model(attention):
+  m = Flamingo(_tiny(attention), rngs=nnx.Rngs(1))
   _open_gates(m)
   return m
 
@@ -175,12 +181,12 @@ def test_image_token_sees_its_own_image(open_model):
 
 
 @pytest.mark.parametrize("immediate", [True, False])
-def test_immediate_vs_all_previous_media(immediate):
+def test_immediate_vs_all_previous_media(immediate, attention):
   """At the gated block: with only_attend_immediate_media a token's output depends only on the
   latents of image media_index[t]; otherwise on every image <= media_index[t]."""
   dim, dv, n = 16, 12, 2
   block = GatedCrossAttentionBlock(dim, dv, num_heads=2, head_dim=4, ff_mult=2, activation="gelu",
-                                   norm_eps=1e-5, rngs=nnx.Rngs(0))
+                                   norm_eps=1e-5, rngs=nnx.Rngs(0), attention=attention)
   block.attn_gate[...] = jnp.asarray(1.0)
   ids = IDS[:1]
   mask = cross_attention_mask(media_locations(ids, IMG), T, n, immediate)
@@ -209,20 +215,20 @@ def _decode_all(model, images, ids, mask, prompt_len):
 _MODELS = {}
 
 
-def _model_attending(immediate: bool) -> Flamingo:
+def _model_attending(immediate: bool, attention: str) -> Flamingo:
   """A model with open gates whose tokens attend to their immediate image only, or to all
   previous ones (``xattn.only_attend_immediate_media``)."""
-  if immediate not in _MODELS:
-    config = model_config.tiny()
+  if (immediate, attention) not in _MODELS:
+    config = _tiny(attention)
     config.xattn.only_attend_immediate_media = immediate
-    _MODELS[immediate] = Flamingo(config, rngs=nnx.Rngs(1))
-    _open_gates(_MODELS[immediate])
-  return _MODELS[immediate]
+    _MODELS[immediate, attention] = Flamingo(config, rngs=nnx.Rngs(1))
+    _open_gates(_MODELS[immediate, attention])
+  return _MODELS[immediate, attention]
 
 
 @pytest.mark.parametrize("immediate", [True, False])
-def test_prefill_and_decode_reproduce_full_forward(immediate):
-  model = _model_attending(immediate)
+def test_prefill_and_decode_reproduce_full_forward(immediate, attention):
+  model = _model_attending(immediate, attention)
   images = _images(3)
   # Three images in the prompt, then text; sample 1 is left padded by two tokens.
   ids = jnp.concatenate([IDS, jnp.array([[20, 21, 22, 23, 24]] * 2)], axis=1).at[1, :2].set(0)
@@ -250,11 +256,11 @@ def test_decoding_after_a_document_end_sees_no_image():
 
 
 @pytest.mark.parametrize("immediate", [True, False])
-def test_decode_tokens_attend_to_the_images_the_setting_allows(immediate):
+def test_decode_tokens_attend_to_the_images_the_setting_allows(immediate, attention):
   """A decoded token's logits, with the prompt's self-attention cache held fixed and one image's
   keys and values perturbed: the prompt's last image always changes them; an earlier one only
   when tokens attend to all previous images."""
-  model = _model_attending(immediate)
+  model = _model_attending(immediate, attention)
   images = _images(4)
   prompt = IDS[:, :8]  # both samples hold 2 images
   _, cache = model.prefill(images, prompt, max_length=10)

@@ -40,25 +40,31 @@ def _config(variant):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-  """variant -> (reference, imported model, warnings of the import), each built once."""
+  """(variant, attention) -> (reference, imported model, warnings of the import), each built
+  once (the reference once per variant)."""
   torch.set_num_threads(1)
-  cache = {}
+  references, cache = {}, {}
 
-  def get(variant):
-    if variant not in cache:
+  def get(variant, attention="auto"):
+    if variant not in references:
       reference = ref.openflamingo(variant, tmp_path_factory.mktemp(variant))
-      with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, _ = pretrained.load_openflamingo(reference.checkpoint, reference.lm,
-                                                reference.vision, _config(variant))
       if variant == "v1_llama":
         # v1 saved no head: the import fills the new tokens' output rows with the mean LM row.
         # The reference gets the same rows, so that all else can be compared exactly.
         with torch.no_grad():
           head = reference.model.lang_encoder.get_output_embeddings().weight
           head[ref.EOC:ref.MEDIA + 1] = head[:ref.TOKENIZER_VOCAB].mean(0)
-      cache[variant] = (reference, model, [str(w.message) for w in caught])
-    return cache[variant]
+      references[variant] = reference
+    if (variant, attention) not in cache:
+      reference = references[variant]
+      config = _config(variant)
+      config.attention = attention
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = pretrained.load_openflamingo(reference.checkpoint, reference.lm,
+                                                reference.vision, config)
+      cache[variant, attention] = (reference, model, [str(w.message) for w in caught])
+    return cache[variant, attention]
 
   return get
 
@@ -70,8 +76,8 @@ def _ours_inputs(inputs):
 
 
 @pytest.mark.parametrize("variant", list(ref.OPENFLAMINGO_VARIANTS))
-def test_logits_match_openflamingo(built, variant):
-  reference, model, _ = built(variant)
+def test_logits_match_openflamingo(built, variant, attention):
+  reference, model, _ = built(variant, attention)
   inputs = ref.openflamingo_inputs()
   with torch.no_grad():
     theirs = reference.model(torch.from_numpy(inputs["images"]),

@@ -24,8 +24,8 @@ def _config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def resampler():
-  model = PerceiverResampler(_config(), DIM, rngs=nnx.Rngs(0))
+def resampler(attention):
+  model = PerceiverResampler(_config(), DIM, rngs=nnx.Rngs(0), attention=attention)
   # Frame and media-time embeddings large enough that using the wrong row shows in the output.
   model.frame_embs[...] = jax.random.normal(jax.random.key(1), model.frame_embs.shape)
   model.media_time_embs[...] = jax.random.normal(jax.random.key(2), model.media_time_embs.shape)

@@ -39,6 +39,7 @@ from xattn_vlm import lock
 from xattn_vlm.data import images as images_lib
 from xattn_vlm.eval import demos as demos_lib
 from xattn_vlm.data import fewshot
+from xattn_vlm.eval import features as features_lib
 from xattn_vlm.eval import results as results_lib
 from xattn_vlm.eval import tasks as tasks_lib
 from xattn_vlm.inference import GenerationConfig, Processor
@@ -49,6 +50,9 @@ from xattn_vlm.inference.model import StaticGraph, as_inference_model
 _log = logging.getLogger(__name__)
 
 DEMONSTRATIONS = ("random", "rices")
+# Padded prompt lengths of length-grouped batches: powers of two and 1.5 times them, so a batch
+# carries at most a third of padding and an evaluation compiles a handful of shapes.
+BUCKETS = tuple(sorted({m * 2**k for k in range(4, 16) for m in (2, 3)}))
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PREDICTIONS = "predictions"
@@ -70,6 +74,14 @@ def default_config() -> ml_collections.ConfigDict:
   one_shape_per_task: pad every cell of a task to the task's longest prompt and most images, so
     each task compiles one program (worth it when compiling costs more than the padding, as for
     small models on CPU); otherwise each cell gets its own shape.
+  group_by_length: batch each cell's prompts in order of length and pad each batch to the
+    smallest of a few fixed lengths (``BUCKETS``) that holds it: little padding, and a handful of
+    compiled programs for the whole evaluation. Off: every batch of a cell (of a task, with
+    ``one_shape_per_task``) is padded to its longest prompt.
+  reuse_vision_features: run the vision tower once per image of the evaluation and reuse its
+    features in every prompt that shows the image (``eval.features``), kept on disk in
+    ``vision_cache_dir`` (default ``<output>/vision_features``) for later evaluations of the same
+    tower.
   data_root, data: where the official benchmark files are (``tasks.default_data_config``).
   shapes: the shapes-world tasks: test queries, training pool size, world seed, binding ways.
   """
@@ -85,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
       length_penalty=0.0,
       candidate_batch_size=0,
       one_shape_per_task=False,
+      group_by_length=True,
+      reuse_vision_features=True,
+      vision_cache_dir="",
       seed=0,
       rices_cache_dir="",
       data_root="",
@@ -190,9 +205,21 @@ class Evaluator:
     self._queries: dict[str, list] = {}
     self._prompts: dict[Cell, list] = {}
     self._shapes: dict[Any, tuple[int, int]] = {}
+    self._token_counts: dict[str, int] = {}
     self.process, self.processes = jax.process_index(), jax.process_count()
     per_device = math.ceil(config.batch_size / self.placement.num_devices)
     self.batch_size = per_device * self.placement.num_devices
+
+  @functools.cached_property
+  def vision_features(self) -> features_lib.VisionFeatureCache | None:
+    """The evaluation's cache of tower features (None without ``reuse_vision_features``)."""
+    if not self.config.reuse_vision_features:
+      return None
+    directory = pathlib.Path(self.config.vision_cache_dir or self.output_dir / "vision_features")
+    if self.processes > 1:
+      directory = directory / f"process{self.process}"
+    return features_lib.VisionFeatureCache(self.model, self.processor, directory,
+                                           batch_size=self.batch_size)
 
   # -- data and demonstrations -----------------------------------------------------------------
 
@@ -239,6 +266,8 @@ class Evaluator:
     return digest.hexdigest()[:12]
 
   def _image_features(self, sources: Sequence) -> np.ndarray:
+    if self.vision_features is not None:  # the tower's features, which the prompts reuse
+      return self.vision_features(sources).mean(axis=1)
     p = self.processor
     pixels = np.stack([images_lib.preprocess_image(source, size=p.image_size, mean=p.image_mean,
                                                    std=p.image_std, mode=p.image_mode)
@@ -317,11 +346,15 @@ class Evaluator:
     if pending:
       prompts = self.prompts(cell)
       length, num_images = self._shape(cell)
-      for start in range(0, len(queries), self.batch_size):
-        batch = list(zip(queries[start:start + self.batch_size],
-                         prompts[start:start + self.batch_size]))
+      if self.vision_features is not None:
+        self.vision_features.precompute([image for prompt, _ in prompts
+                                         for image in prompt.images])
+      for indices in self._batches(cell, prompts):
+        batch = [(queries[i], prompts[i]) for i in indices]
         if not any(query["id"] in pending for query, _ in batch):
           continue  # logged before a restart: the batches are the same fixed slices
+        if self.config.group_by_length:
+          length = self._bucket(cell, max(self._token_count(prompts[i][0]) for i in indices))
         predict = self._classify if cell.task.kind == "classification" else self._generate
         outputs = predict(cell, [prompt for _, (prompt, _) in batch], length, num_images)
         log.write({"id": query["id"], **output, "reference": ref}
@@ -336,6 +369,26 @@ class Evaluator:
     if cell.task.kind == "classification":
       return tasks_lib.score_classes(cell.task, records)
     return tasks_lib.score_generations(cell.task, records)
+
+  def _token_count(self, prompt: fewshot.FewShotPrompt) -> int:
+    if prompt.text not in self._token_counts:
+      self._token_counts[prompt.text] = len(self.processor.tokenizer.encode(prompt.text))
+    return self._token_counts[prompt.text]
+
+  def _batches(self, cell: Cell, prompts: Sequence) -> list[list[int]]:
+    """The cell's batches as query indices: fixed slices in query order, or with
+    ``group_by_length`` in order of prompt length (ties in query order), the same on every run."""
+    order = list(range(len(prompts)))
+    if self.config.group_by_length:
+      order.sort(key=lambda i: self._token_count(prompts[i][0]))
+    return [order[start:start + self.batch_size] for start in range(0, len(order),
+                                                                     self.batch_size)]
+
+  def _bucket(self, cell: Cell, longest: int) -> int:
+    """The smallest of ``BUCKETS`` that holds ``longest`` tokens and the continuation, or the
+    whole context left for the prompt (``_shape`` has refused prompts longer than that)."""
+    room = self.model.config.lm.max_length - self._continuation_tokens(cell)
+    return min([b for b in BUCKETS if longest <= b <= room] or [room])
 
   def _continuation_tokens(self, cell: Cell) -> int:
     if cell.task.kind != "classification":
@@ -357,8 +410,7 @@ class Evaluator:
     cells = [cell]
     if self.config.one_shape_per_task:
       cells = [c for c in self.cells() if c.task == cell.task]
-    encode = self.processor.tokenizer.encode
-    longest = max((len(encode(prompt.text)) for c in cells for prompt, _ in self.prompts(c)),
+    longest = max((self._token_count(prompt) for c in cells for prompt, _ in self.prompts(c)),
                   default=0)
     if self.processes > 1:
       # Every process pads to the longest prompt of all of them: the shapes, and so the
@@ -383,7 +435,8 @@ class Evaluator:
                 num_images: int) -> list[dict[str, Any]]:
     tokenizer = self.processor.tokenizer
     texts, images = self._model_inputs(prompts)
-    batch = self.processor(texts, images, pad_to_length=length, max_images=num_images)
+    batch = self.processor(texts, images, pad_to_length=length, max_images=num_images,
+                           vision_features=self.vision_features)
     config = GenerationConfig(
         max_new_tokens=cell.task.max_new_tokens, num_beams=self.config.num_beams,
         length_penalty=self.config.length_penalty,
@@ -402,7 +455,8 @@ class Evaluator:
     scores = scoring.score(self.model, self.processor, texts,
                            list(self.data(cell.task.name).class_names), images,
                            candidate_batch_size=self.config.candidate_batch_size or None,
-                           pad_to_length=length, max_images=num_images)
+                           pad_to_length=length, max_images=num_images,
+                           vision_features=self.vision_features)
     return [{"scores": [float(x) for x in row]}
             for row in scores.mean_log_probs[:len(prompts)]]
 

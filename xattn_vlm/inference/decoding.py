@@ -124,11 +124,14 @@ def keep_last_media(cache: FlamingoCache, num_latents: int) -> FlamingoCache:
                        media_index=jnp.minimum(cache.media_index, 1))
 
 
-def start_cached(model: Flamingo, images: jax.Array, input_ids: jax.Array,
-                 attention_mask: jax.Array, num_new: int) -> tuple[jax.Array, Any, Step]:
-  """Prefills the prompt with room for ``num_new`` tokens: (last logits [B, V], cache, step)."""
+def start_cached(model: Flamingo, images: jax.Array | None, input_ids: jax.Array,
+                 attention_mask: jax.Array, num_new: int,
+                 vision_features: jax.Array | None = None) -> tuple[jax.Array, Any, Step]:
+  """Prefills the prompt with room for ``num_new`` tokens: (last logits [B, V], cache, step).
+  ``vision_features`` (the tower's output, [B, T, F, P, D]) stand in for the images."""
   logits, cache = model.prefill(images, input_ids, attention_mask,
-                                max_length=input_ids.shape[1] + num_new, last_only=True)
+                                max_length=input_ids.shape[1] + num_new, last_only=True,
+                                vision_features=vision_features)
   if model.config.xattn.only_attend_immediate_media:
     cache = keep_last_media(cache, model.config.resampler.num_latents)
 
@@ -139,26 +142,28 @@ def start_cached(model: Flamingo, images: jax.Array, input_ids: jax.Array,
   return logits[:, -1], cache, step
 
 
-def start_uncached(model: Flamingo, images: jax.Array, input_ids: jax.Array,
-                   attention_mask: jax.Array, num_new: int) -> tuple[jax.Array, Any, Step]:
+def start_uncached(model: Flamingo, images: jax.Array | None, input_ids: jax.Array,
+                   attention_mask: jax.Array, num_new: int,
+                   vision_features: jax.Array | None = None) -> tuple[jax.Array, Any, Step]:
   """The recompute-everything reference: the state is the images and a token buffer with room for
   the tokens fed back, and every step runs the training forward over the whole buffer."""
   b, length = input_ids.shape
   buffer = jnp.concatenate([input_ids, jnp.zeros((b, num_new - 1), input_ids.dtype)], axis=1)
   mask = jnp.concatenate([attention_mask, jnp.zeros((b, num_new - 1), attention_mask.dtype)],
                          axis=1)
-  state = (images, buffer, mask, jnp.zeros((), jnp.int32))
+  state = (images, vision_features, buffer, mask, jnp.zeros((), jnp.int32))
 
   def step(tokens, state):
-    images, buffer, mask, t = state
+    images, features, buffer, mask, t = state
     buffer = jax.lax.dynamic_update_slice(buffer, tokens[:, None].astype(buffer.dtype),
                                           (0, length + t))
     mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), mask.dtype), (0, length + t))
-    logits = model(images, buffer, mask)
+    logits = model(images, buffer, mask, vision_features=features)
     return jax.lax.dynamic_index_in_dim(logits, length + t, axis=1, keepdims=False), (
-        images, buffer, mask, t + 1)
+        images, features, buffer, mask, t + 1)
 
-  return model(images, input_ids, attention_mask)[:, -1], state, step
+  return (model(images, input_ids, attention_mask, vision_features=vision_features)[:, -1], state,
+          step)
 
 
 def map_batch(fn: Callable[[jax.Array], jax.Array], state: Any) -> Any:
@@ -340,10 +345,11 @@ def beam_search(logits: jax.Array, state: Any, step: Step,
 
 @functools.partial(jax.jit, static_argnames=("graph", "config"))
 def _generate(graph: StaticGraph, params: nnx.State, images, input_ids, attention_mask, rng,
-              config: GenerationConfig) -> GenerationOutput:
+              config: GenerationConfig, vision_features=None) -> GenerationOutput:
   model = graph.merge(params)
   start = start_cached if config.use_cache else start_uncached
-  logits, state, step = start(model, images, input_ids, attention_mask, config.max_new_tokens)
+  logits, state, step = start(model, images, input_ids, attention_mask, config.max_new_tokens,
+                              vision_features)
   if config.num_beams > 1:
     return beam_search(logits, state, step, config)
   return sample_loop(logits, state, step, config, rng)
@@ -369,7 +375,7 @@ def generate_tokens(model: Flamingo | InferenceModel, batch: Batch, config: Gene
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   return _generate(model.graph, model.params, batch.images, batch.input_ids,
-                   batch.attention_mask, rng, config)
+                   batch.attention_mask, rng, config, batch.vision_features)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import ml_collections
 import numpy as np
@@ -34,12 +34,16 @@ class Batch:
   input_ids: int32 [B, L], left padded with the tokenizer's pad id.
   attention_mask: int32 [B, L], 1 on real tokens.
   images: float32 [B, T, 1, H, W, C], normalised pixels; slots past a prompt's images are zeros.
+    None when ``vision_features`` stand in for them.
   media_mask: bool [B, T], which image slots are real.
+  vision_features: float32 [B, T, 1, P, D], the vision tower's output for the images (from a
+    feature cache; slots past a prompt's images are zeros), or None.
   """
   input_ids: np.ndarray
   attention_mask: np.ndarray
-  images: np.ndarray
+  images: np.ndarray | None
   media_mask: np.ndarray
+  vision_features: np.ndarray | None = None
 
   @property
   def batch_size(self) -> int:
@@ -82,6 +86,12 @@ class Processor:
   def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] = (),
                     index: int = 0) -> tuple[list[int], list[np.ndarray]]:
     """One prompt -> (token ids, preprocessed images [H, W, C]); ``index`` names it in errors."""
+    ids, sources = self.encode_text(prompt, images, index)
+    return ids, [self._image(source, index, j) for j, source in enumerate(sources)]
+
+  def encode_text(self, prompt: Prompt, images: Sequence[ImageLike] = (),
+                  index: int = 0) -> tuple[list[int], list[ImageLike]]:
+    """One prompt -> (token ids, its images as given, in prompt order); no image is read."""
     if isinstance(prompt, str):
       text, sources = prompt, list(images)
     elif isinstance(prompt, Sequence):
@@ -103,7 +113,7 @@ class Processor:
     if len(ids) > self.max_length:
       raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the model's context "
                        f"of {self.max_length} tokens")
-    return ids, [self._image(source, index, j) for j, source in enumerate(sources)]
+    return ids, sources
 
   def _image(self, source: ImageLike, index: int, position: int) -> np.ndarray:
     try:
@@ -116,7 +126,9 @@ class Processor:
 
   def __call__(self, prompts: Sequence[Prompt],
                images: Sequence[Sequence[ImageLike]] | None = None, *,
-               pad_to_length: int | None = None, max_images: int | None = None) -> Batch:
+               pad_to_length: int | None = None, max_images: int | None = None,
+               vision_features: Callable[[Sequence[ImageLike]], np.ndarray] | None = None
+               ) -> Batch:
     """A batch of prompts -> ``Batch`` (left padded).
 
     Args:
@@ -124,6 +136,9 @@ class Processor:
       images: one list of images per prompt, for prompts written as text with placeholders.
       pad_to_length: pad the ids to this many columns (fixed shapes reuse compiled functions).
       max_images: pad the image slots to this many (default: the batch's largest count, >= 1).
+      vision_features: maps a prompt's n images (n may be 0) to the vision tower's features
+        [n, P, D] (a feature cache): the batch then holds those instead of pixels, and no image
+        is read here.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
       raise ValueError("prompts must be a non-empty list of prompts, got "
@@ -131,8 +146,11 @@ class Processor:
     if images is not None and len(images) != len(prompts):
       raise ValueError(f"images must hold one list per prompt: {len(prompts)} prompts but "
                        f"{len(images)} image lists")
-    encoded = [self.encode_prompt(p, images[i] if images is not None else (), i)
+    encode = self.encode_prompt if vision_features is None else self.encode_text
+    encoded = [encode(p, images[i] if images is not None else (), i)
                for i, p in enumerate(prompts)]
+    if vision_features is not None:
+      encoded = [(ids, np.asarray(vision_features(sources))) for ids, sources in encoded]
     longest = max(len(ids) for ids, _ in encoded)
     most_images = max(len(pixels) for _, pixels in encoded)
     length = longest if pad_to_length is None else pad_to_length
@@ -150,13 +168,17 @@ class Processor:
     b, size = len(prompts), self.image_size
     input_ids = np.full((b, length), self.tokenizer.pad_token_id, np.int32)
     attention_mask = np.zeros((b, length), np.int32)
-    pixels = np.zeros((b, num_slots, 1, size, size, 3), np.float32)
+    media_shape = (size, size, 3) if vision_features is None else encoded[0][1].shape[1:]
+    media = np.zeros((b, num_slots, 1) + tuple(media_shape), np.float32)
     media_mask = np.zeros((b, num_slots), bool)
-    for i, (ids, prompt_pixels) in enumerate(encoded):
+    for i, (ids, prompt_media) in enumerate(encoded):
       input_ids[i, length - len(ids):] = ids
       attention_mask[i, length - len(ids):] = 1
-      if prompt_pixels:
-        pixels[i, :len(prompt_pixels), 0] = np.stack(prompt_pixels)
-      media_mask[i, :len(prompt_pixels)] = True
-    return Batch(input_ids=input_ids, attention_mask=attention_mask, images=pixels,
-                 media_mask=media_mask)
+      if len(prompt_media):
+        media[i, :len(prompt_media), 0] = np.stack(prompt_media)
+      media_mask[i, :len(prompt_media)] = True
+    if vision_features is None:
+      return Batch(input_ids=input_ids, attention_mask=attention_mask, images=media,
+                   media_mask=media_mask)
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, images=None,
+                 media_mask=media_mask, vision_features=media)

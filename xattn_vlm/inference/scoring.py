@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +24,13 @@ from xattn_vlm.models.flamingo import Flamingo, FlamingoCache
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "num_new"))
-def prefill(graph: StaticGraph, params: nnx.State, images: jax.Array, input_ids: jax.Array,
-            attention_mask: jax.Array, num_new: int) -> tuple[jax.Array, FlamingoCache]:
-  """The prompt's next-token logits [B, V] and a cache with room for ``num_new`` more tokens."""
+def prefill(graph: StaticGraph, params: nnx.State, images: jax.Array | None,
+            input_ids: jax.Array, attention_mask: jax.Array, num_new: int,
+            vision_features: jax.Array | None = None) -> tuple[jax.Array, FlamingoCache]:
+  """The prompt's next-token logits [B, V] and a cache with room for ``num_new`` more tokens
+  (``vision_features`` stand in for the images when given)."""
   logits, cache, _ = decoding.start_cached(graph.merge(params), images, input_ids, attention_mask,
-                                           num_new)
+                                           num_new, vision_features)
   return logits, cache
 
 
@@ -77,7 +79,8 @@ def score(model: Flamingo | InferenceModel, processor: Processor, prompts: Seque
           continuations: Sequence[str] | Sequence[Sequence[str]],
           images: Sequence[Sequence[ImageLike]] | None = None, *,
           candidate_batch_size: int | None = None, pad_to_length: int | None = None,
-          max_images: int | None = None) -> Scores:
+          max_images: int | None = None,
+          vision_features: Callable[[Sequence[ImageLike]], np.ndarray] | None = None) -> Scores:
   """Scores each continuation as a continuation of each prompt, prefilling each prompt once.
 
   Args:
@@ -86,11 +89,12 @@ def score(model: Flamingo | InferenceModel, processor: Processor, prompts: Seque
       strings per prompt. Their text is tokenized alone and appended to the prompt's tokens.
     candidate_batch_size: candidates run through the decode steps together (default all C); the
       prompts' prefill is reused for every chunk.
-    pad_to_length, max_images: fixed prompt shapes, as in ``Processor``.
+    pad_to_length, max_images, vision_features: as in ``Processor``.
   """
   model = as_inference_model(model)
   decoding.check_tokenizer(model, processor)
-  batch = processor(prompts, images, pad_to_length=pad_to_length, max_images=max_images)
+  batch = processor(prompts, images, pad_to_length=pad_to_length, max_images=max_images,
+                    vision_features=vision_features)
   ids, num_tokens = _encode_continuations(processor, continuations, batch.batch_size)
   b, c, length = ids.shape
   context = model.config.lm.max_length
@@ -101,7 +105,7 @@ def score(model: Flamingo | InferenceModel, processor: Processor, prompts: Seque
   if chunk < 1:
     raise ValueError(f"candidate_batch_size must be >= 1, got {candidate_batch_size}")
   logits, cache = prefill(model.graph, model.params, batch.images, batch.input_ids,
-                          batch.attention_mask, length)
+                          batch.attention_mask, length, batch.vision_features)
   parts = []
   for start in range(0, c, chunk):
     part = ids[:, start:start + chunk]

@@ -39,12 +39,12 @@ class DualEncoder(nnx.Module):
 
   def __init__(self, vision: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *,
                embed_dim: int, init_temperature: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: str | bool = "none"):
+               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto"):
     if not 0 < init_temperature < 1:
       raise ValueError(f"init_temperature must be in (0, 1), got {init_temperature}")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.vision = VisionEncoder(vision, remat=remat, **kw)
-    self.text = DecoderLM(text, remat=remat, **kw)
+    self.vision = VisionEncoder(vision, remat=remat, attention=attention, **kw)
+    self.text = DecoderLM(text, remat=remat, attention=attention, **kw)
     self.image_projection = layers.Dense(vision.width, embed_dim, ("embed", None), use_bias=False,
                                          **kw)
     self.text_projection = layers.Dense(text.embed_dim, embed_dim, ("embed", None),

@@ -623,10 +623,11 @@ def load_hf_lm_weights(lm: DecoderLM, path: str | pathlib.Path) -> None:
   _load_lm(lm, ckpt)
 
 
-def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.float32) -> DecoderLM:
+def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention: str = "auto") -> DecoderLM:
   """A ``DecoderLM`` built from a local Hugging Face folder's config.json, or a llama.cpp
   ``.gguf`` file's metadata, and filled with its weights. It is built abstractly, so no random
-  weights are ever materialised."""
+  weights are ever materialised. ``attention``: ``config.model.attention``."""
   if gguf_file.is_gguf(path):
     ckpt = gguf_file.GGUFCheckpoint(path)  # opened once: reading a GGUF header takes seconds
     cfg = ckpt.config
@@ -634,7 +635,7 @@ def load_hf_lm(path: str | pathlib.Path, dtype=jnp.float32, param_dtype=jnp.floa
     cfg = lm_config_from_hf(read_config(path))
     ckpt = Checkpoint(path)
   lm = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                        param_dtype=param_dtype))
+                                        param_dtype=param_dtype, attention=attention))
   _load_lm(lm, ckpt)
   unfilled = unfilled_parameters(lm)
   if unfilled:

@@ -79,9 +79,10 @@ class Flamingo(nnx.Module):
     lm_cfg, vis_cfg, x_cfg = config.lm, config.vision, config.xattn
     self.media_token_id, self.eoc_token_id = special_tokens.added_token_ids(
         lm_cfg.vocab_size, config.added_tokens)
-    self.vision = VisionEncoder(vis_cfg, remat=config.remat, **kw)
-    self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width, **kw)
-    self.lm = DecoderLM(lm_cfg, remat=config.remat, **kw)
+    self.vision = VisionEncoder(vis_cfg, remat=config.remat, attention=config.attention, **kw)
+    self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width,
+                                        attention=config.attention, **kw)
+    self.lm = DecoderLM(lm_cfg, remat=config.remat, attention=config.attention, **kw)
     dim_visual = config.resampler.width or vis_cfg.width
     self.gated_layers = tuple(gated_layers(config))
     self.gated_blocks = nnx.List([
@@ -89,7 +90,7 @@ class Flamingo(nnx.Module):
             lm_cfg.embed_dim, dim_visual, num_heads=x_cfg.num_heads, head_dim=x_cfg.head_dim,
             ff_mult=x_cfg.ff_mult, activation=x_cfg.activation, norm_eps=x_cfg.norm_eps,
             norm=x_cfg.norm, qk_norm=x_cfg.qk_norm, ffw_dim=x_cfg.ffw_dim,
-            gated_ffw=x_cfg.gated_ffw, **kw)
+            gated_ffw=x_cfg.gated_ffw, attention=config.attention, **kw)
         for _ in self.gated_layers])
     num_added = len(config.added_tokens)
     self.added_embed = layers.Embed(num_added, lm_cfg.embed_dim,

@@ -307,13 +307,9 @@ def heads_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-           bias: jax.Array | None = None) -> jax.Array:
-  """Softmax attention with grouped-query heads, keys and values heads first.
-
-  q: [B, L, H, Dh]; k, v: [B, Hkv, S, Dh] with H a multiple of Hkv; mask: bool, broadcastable to
-  [B, L, S] (True = may attend); bias: float added to the logits, [H, L, S] or [B, H, L, S]
-  (ALiBi). Logits and softmax in float32. Returns [B, L, H, Dh].
+def _explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                        bias: jax.Array | None) -> jax.Array:
+  """``attend`` written out in jnp.
 
   Keys and values are heads first so a decode step reads the caches where they lie, and the g
   query heads that share a key/value head are stacked along the length, so both products are
@@ -323,20 +319,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   """
   b, l, h, dh = q.shape
   hkv = k.shape[1]
-  if h % hkv:
-    raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
-  q = constrain(q, ("batch", None, "heads", None))
-  k = constrain(k, ("batch", "heads", None, None))
-  v = constrain(v, ("batch", "heads", None, None))
   g = h // hkv
   q = q * jnp.asarray(1 / math.sqrt(dh), q.dtype)
   qg = q.reshape(b, l, hkv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * l, dh)
   logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, hkv, g, l, -1)
   if bias is not None:
-    if bias.ndim not in (3, 4) or bias.shape[-3] != h:
-      raise ValueError(f"attention bias must be [{h}, L, S] or [B, {h}, L, S] ({h} query heads), "
-                       f"got shape {bias.shape}")
     bias = bias.reshape(bias.shape[:-3] + (hkv, g) + bias.shape[-2:])  # head h = kv * g + group
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
@@ -347,12 +335,68 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   out = jnp.einsum("bkqs,bksd->bkqd", scores.astype(v.dtype).reshape(b, hkv, g * l, -1), v,
                    preferred_element_type=jnp.float32)
   out = (out / total).astype(v.dtype)
-  out = out.reshape(b, hkv, g, l, dh).transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
+  return out.reshape(b, hkv, g, l, dh).transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
+
+
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                     bias: jax.Array | None) -> jax.Array:
+  """``attend`` through ``jax.nn.dot_product_attention``, which picks the kernel for the platform.
+
+  It takes keys and values length first ([B, S, Hkv, Dh]) and a mask and bias with a head axis.
+  A fully masked query row (a left-pad position; text before the first image, whose output the
+  cross-attention zeroes) gets a finite average of the values, as in ``_explicit_attention``.
+  """
+  if mask is not None:
+    mask = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)[:, None]  # [B or 1, 1, L, S]
+  if bias is not None and bias.ndim == 3:
+    bias = bias[None]
+  return jax.nn.dot_product_attention(q, heads_first(k), heads_first(v), bias=bias, mask=mask)
+
+
+ATTENTION = ("auto", "fused", "explicit")
+
+
+def check_attention(attention: str) -> str:
+  if attention not in ATTENTION:
+    raise ValueError(f"config.model.attention: expected one of {ATTENTION}, got {attention!r}")
+  return attention
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           bias: jax.Array | None = None, *, attention: str = "auto") -> jax.Array:
+  """Softmax attention with grouped-query heads, keys and values heads first.
+
+  q: [B, L, H, Dh]; k, v: [B, Hkv, S, Dh] with H a multiple of Hkv; mask: bool, broadcastable to
+  [B, L, S] (True = may attend); bias: float added to the logits, [H, L, S] or [B, H, L, S]
+  (ALiBi). Logits and softmax in float32. Returns [B, L, H, Dh].
+
+  ``attention`` (``config.model.attention``): ``fused`` calls ``jax.nn.dot_product_attention``
+  (the kernel is JAX's choice for the platform), ``explicit`` the jnp code of
+  ``_explicit_attention``, ``auto`` fused except on CPU, where explicit is the faster
+  (docs/performance.md); the platform is the one the computation is lowered for, so an
+  ahead-of-time compile for TPU on a CPU host gets the TPU choice.
+  """
+  h, hkv = q.shape[2], k.shape[1]
+  if h % hkv:
+    raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+  if bias is not None and (bias.ndim not in (3, 4) or bias.shape[-3] != h):
+    raise ValueError(f"attention bias must be [{h}, L, S] or [B, {h}, L, S] ({h} query heads), "
+                     f"got shape {bias.shape}")
+  q = constrain(q, ("batch", None, "heads", None))
+  k = constrain(k, ("batch", "heads", None, None))
+  v = constrain(v, ("batch", "heads", None, None))
+  if check_attention(attention) == "fused":
+    out = _fused_attention(q, k, v, mask, bias)
+  elif attention == "explicit":
+    out = _explicit_attention(q, k, v, mask, bias)
+  else:
+    out = jax.lax.platform_dependent(q, k, v, mask, bias, cpu=_explicit_attention,
+                                     default=_fused_attention)
   return constrain(out, ("batch", None, "heads", None))
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                          attention: str = "auto") -> jax.Array:
   """``attend`` with keys and values as projections give them: q: [B, L, H, Dh]; k, v:
   [B, S, Hkv, Dh]; mask broadcastable to [B, L, S]. Returns [B, L, H, Dh]."""
-  return attend(q, heads_first(k), heads_first(v), mask)
+  return attend(q, heads_first(k), heads_first(v), mask, attention=attention)

@@ -68,8 +68,10 @@ class SelfAttention(nnx.Module):
   (MosaicGPT's ``attn_qk_ln``).
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention: str = "auto"):
     d, h, hkv, dh = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.attention = layers.check_attention(attention)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     qkv_axes = ("embed", "heads", "kv")
     self.query = layers.Dense(d, (h, dh), qkv_axes, use_bias=cfg.attention_bias, **kw)
@@ -107,7 +109,7 @@ class SelfAttention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       kv = (k, v)
-    return self.out(layers.attend(q, k, v, mask, bias)), kv
+    return self.out(layers.attend(q, k, v, mask, bias, attention=self.attention)), kv
 
 
 class DecoderBlock(nnx.Module):
@@ -118,10 +120,11 @@ class DecoderBlock(nnx.Module):
   biases (LLaMA); GELU with biases (GPT-2, GPT-NeoX) or without (MPT).
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.attn_norm = make_norm(cfg, **kw)
-    self.attn = SelfAttention(cfg, **kw)
+    self.attn = SelfAttention(cfg, attention=attention, **kw)
     self.mlp_norm = make_norm(cfg, **kw)
     self.mlp = layers.MLP(cfg.embed_dim, cfg.mlp_dim, act=cfg.activation,
                           gated=cfg.family == "llama", use_bias=cfg.family in ("gpt2", "gpt_neox"),
@@ -162,7 +165,7 @@ class DecoderLM(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: str | bool = "none"):
+               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto"):
     if cfg.family not in LM_FAMILIES:
       raise ValueError(f"cfg.family must be one of {LM_FAMILIES}, got {cfg.family!r}")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -175,7 +178,8 @@ class DecoderLM(nnx.Module):
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, **kw)
     self.position_embed = (layers.Embed(cfg.max_length, cfg.embed_dim, axes=(None, "embed"), **kw)
                            if cfg.family == "gpt2" else None)
-    self.blocks = nnx.List([DecoderBlock(cfg, **kw) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([DecoderBlock(cfg, attention=attention, **kw)
+                            for _ in range(cfg.num_layers)])
     self.final_norm = make_norm(cfg, **kw)
     self.alibi_bias_max = cfg.alibi_bias_max if cfg.family == "mpt" else None
     self.lm_head = (None if cfg.tie_word_embeddings else

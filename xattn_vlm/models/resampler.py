@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, constrain,
-                                     dot_product_attention, materialize_gradient, param)
+from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, check_attention,
+                                     constrain, dot_product_attention, materialize_gradient,
+                                     param)
 
 NORM_EPS = 1e-5  # torch's LayerNorm default, which the reference implementations use
 
@@ -43,8 +44,9 @@ class PerceiverAttention(nnx.Module):
   ``qk_norm`` LayerNorms each head of the queries and keys (IDEFICS)."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, dtype,
-               param_dtype, qk_norm: bool = False):
+               param_dtype, qk_norm: bool = False, attention: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.attention = check_attention(attention)
     self.norm_media = LayerNorm(width, eps=NORM_EPS, **kw)
     self.norm_latents = LayerNorm(width, eps=NORM_EPS, **kw)
     heads = (num_heads, head_dim)
@@ -80,7 +82,8 @@ class PerceiverAttention(nnx.Module):
       # The latents are always valid keys, so no query row is ever fully masked.
       latent_keys = jnp.ones((m, latents.shape[-2]), bool)
       mask = jnp.concatenate([media_mask, latent_keys], axis=1)[:, None, :]  # [M, 1, S + n]
-    out = dot_product_attention(per_medium(self._queries(latents)), keys, values, mask)
+    out = dot_product_attention(per_medium(self._queries(latents)), keys, values, mask,
+                                attention=self.attention)
     return self.to_out(out)
 
 
@@ -100,9 +103,10 @@ class PerceiverResamplerLayer(nnx.Module):
   """``latents += attn(media, latents)``; ``latents += ff(latents)``."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, width: int, *, rngs: nnx.Rngs, dtype,
-               param_dtype):
+               param_dtype, attention: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attn = PerceiverAttention(width, cfg.num_heads, cfg.head_dim, qk_norm=cfg.qk_norm, **kw)
+    self.attn = PerceiverAttention(width, cfg.num_heads, cfg.head_dim, qk_norm=cfg.qk_norm,
+                                   attention=attention, **kw)
     self.ff = FeedForward(width, cfg.ff_mult, cfg.activation, **kw)
 
   def __call__(self, media: jax.Array, latents: jax.Array,
@@ -120,11 +124,11 @@ class PerceiverResampler(nnx.Module):
   The width is ``cfg.width`` or, when that is None, ``input_dim``. When the two differ a bias-free
   input projection maps the features to the width first: the latents, the attention residual
   stream and the keys/values all live at one width (Flamingo runs its resampler at 1536 wide over
-  wider vision features).
+  wider vision features). ``attention`` is ``config.model.attention`` (``layers.attend``).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, input_dim: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto"):
     width = cfg.width or input_dim
     self.input_dim = input_dim
     self.width = width
@@ -145,7 +149,8 @@ class PerceiverResampler(nnx.Module):
     self.media_time_embs = (
         param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_media, width),
               ("media", "embed"), param_dtype) if cfg.max_num_media else None)
-    self.layers = nnx.List([PerceiverResamplerLayer(cfg, width, **kw) for _ in range(cfg.depth)])
+    self.layers = nnx.List([PerceiverResamplerLayer(cfg, width, attention=attention, **kw)
+                            for _ in range(cfg.depth)])
     self.norm = LayerNorm(width, eps=NORM_EPS, **kw)
 
   def __call__(self, features: jax.Array, media_mask: jax.Array | None = None) -> jax.Array:

@@ -20,8 +20,8 @@ import ml_collections
 from flax import nnx
 
 from xattn_vlm.models import remat as remat_lib
-from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, constrain,
-                                     dot_product_attention, param)
+from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, check_attention,
+                                     constrain, dot_product_attention, param)
 
 
 def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
@@ -36,7 +36,9 @@ def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
 class SelfAttention(nnx.Module):
   """Bidirectional multi-head self-attention with biased q/k/v/out projections (CLIP's)."""
 
-  def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention: str = "auto"):
+    self.attention = check_attention(attention)
     head_dim = width // num_heads
     kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = Dense(width, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
@@ -45,17 +47,19 @@ class SelfAttention(nnx.Module):
     self.out_proj = Dense((num_heads, head_dim), width, ("heads", "kv", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # x: [N, L, D]
-    out = dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask=None)
+    out = dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask=None,
+                                attention=self.attention)
     return self.out_proj(out)
 
 
 class EncoderBlock(nnx.Module):
   """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.layer_norm1 = LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)
-    self.self_attn = SelfAttention(cfg.width, cfg.num_heads, **kw)
+    self.self_attn = SelfAttention(cfg.width, cfg.num_heads, attention=attention, **kw)
     self.layer_norm2 = LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)
     self.mlp = MLP(cfg.width, cfg.mlp_dim, act=cfg.activation, gated=False, use_bias=True, **kw)
 
@@ -76,11 +80,11 @@ class VisionEncoder(nnx.Module):
   Patches are cut in row-major order (as CLIP's strided convolution flattens them), embedded by
   one bias-free linear map, prefixed by the class token and given learned position embeddings.
   ``remat`` (a ``models.remat`` policy name) recomputes each block's activations in the backward
-  pass instead of storing them.
+  pass instead of storing them; ``attention`` is ``config.model.attention`` (``layers.attend``).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: str | bool = "none"):
+               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto"):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"vision image_size ({cfg.image_size}) must be a multiple of patch_size "
                        f"({cfg.patch_size})")
@@ -113,7 +117,8 @@ class VisionEncoder(nnx.Module):
                                     param_dtype)
     self.pre_layrnorm = LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)  # Hugging Face's spelling.
     num_blocks = resolve_feature_layer(cfg.feature_layer, cfg.num_layers)
-    self.layers = nnx.List([EncoderBlock(cfg, **kw) for _ in range(num_blocks)])
+    self.layers = nnx.List([EncoderBlock(cfg, attention=attention, **kw)
+                            for _ in range(num_blocks)])
     self.post_layernorm = (LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)
                            if cfg.use_post_layernorm else None)
 

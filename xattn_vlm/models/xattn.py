@@ -64,7 +64,8 @@ class MaskedCrossAttention(nnx.Module):
 
   def __init__(self, dim: int, dim_visual: int, *, num_heads: int, head_dim: int, norm_eps: float,
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               norm: str = "layernorm", qk_norm: bool = False):
+               norm: str = "layernorm", qk_norm: bool = False, attention: str = "auto"):
+    self.attention = layers.check_attention(attention)
     kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
     norm_kw = dict(eps=norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm = make_norm(norm, dim, **norm_kw)
@@ -92,7 +93,7 @@ class MaskedCrossAttention(nnx.Module):
     q = self.query(self.norm(x))
     if self.q_norm is not None:
       q = self.q_norm(q)
-    attended = layers.attend(q, keys, values, mask)
+    attended = layers.attend(q, keys, values, mask, attention=self.attention)
     out = self.out(attended)
     sees_media = mask.any(axis=-1, keepdims=True)  # [B, L, 1]
     return jnp.where(sees_media, out, jnp.zeros_like(out))
@@ -103,16 +104,18 @@ class GatedCrossAttentionBlock(nnx.Module):
   gates start at 0, so at initialisation the block is the identity, bit for bit.
 
   The feed-forward is ``ffw_dim`` wide (default ``ff_mult * dim``), SwiGLU-style when ``gated_ffw``
-  (IDEFICS), without biases; ``norm`` is the kind of both norms (and of the q/k norms).
+  (IDEFICS), without biases; ``norm`` is the kind of both norms (and of the q/k norms);
+  ``attention`` is ``config.model.attention`` (``layers.attend``).
   """
 
   def __init__(self, dim: int, dim_visual: int, *, num_heads: int, head_dim: int, ff_mult: int,
                activation: str, norm_eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, norm: str = "layernorm", qk_norm: bool = False,
-               ffw_dim: int | None = None, gated_ffw: bool = False):
+               ffw_dim: int | None = None, gated_ffw: bool = False, attention: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.attn = MaskedCrossAttention(dim, dim_visual, num_heads=num_heads, head_dim=head_dim,
-                                     norm_eps=norm_eps, norm=norm, qk_norm=qk_norm, **kw)
+                                     norm_eps=norm_eps, norm=norm, qk_norm=qk_norm,
+                                     attention=attention, **kw)
     self.attn_gate = layers.param(rngs, nnx.initializers.zeros, (), (), param_dtype)
     self.ffw_norm = make_norm(norm, dim, eps=norm_eps, **kw)
     self.ffw = layers.MLP(dim, ffw_dim or dim * ff_mult, act=activation, gated=gated_ffw,

@@ -99,7 +99,7 @@ def info_nce(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> jax
 
 def _dtypes(config):
   return dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
-              remat=config.model.remat)
+              remat=config.model.remat, attention=config.model.attention)
 
 
 def _first_image(batch: Batch) -> jax.Array:
