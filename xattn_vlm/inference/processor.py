@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from xattn_vlm.data import images as images_lib
+from xattn_vlm.data import sequence
 from xattn_vlm.data import tokenizer as tokenizer_lib
+from xattn_vlm.models.config import media_tokens_per_image
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 # Text with <image> placeholders, or text segments (str) and images in reading order.
@@ -56,10 +58,13 @@ class Processor:
     image_mean, image_std: the tower's per-channel pixel statistics.
     max_length: the model's context in tokens; longer prompts are rejected, not truncated.
     image_mode: ``"pad"`` (keep the whole image) or ``"crop"`` (CLIP's centre crop).
+    media_tokens: the ``<image>`` tokens each image stands as in the model's input
+      (``models.config.media_tokens_per_image``); a prompt writes one per image.
   """
 
   def __init__(self, tokenizer, *, image_size: int, image_mean: Sequence[float],
-               image_std: Sequence[float], max_length: int, image_mode: str = "pad"):
+               image_std: Sequence[float], max_length: int, image_mode: str = "pad",
+               media_tokens: int = 1):
     if image_mode not in images_lib.MODES:
       raise ValueError(f"image_mode must be one of {images_lib.MODES}, got {image_mode!r}")
     self.tokenizer = tokenizer
@@ -68,6 +73,9 @@ class Processor:
     self.image_std = tuple(image_std)
     self.max_length = max_length
     self.image_mode = image_mode
+    if media_tokens < 1:
+      raise ValueError(f"media_tokens must be >= 1, got {media_tokens}")
+    self.media_tokens = media_tokens
 
   @classmethod
   def from_model_config(cls, config: ml_collections.ConfigDict, tokenizer,
@@ -77,7 +85,8 @@ class Processor:
     tokenizer.require_model(config)
     return cls(tokenizer, image_size=config.vision.image_size,
                image_mean=config.vision.image_mean, image_std=config.vision.image_std,
-               max_length=config.lm.max_length, image_mode=image_mode)
+               max_length=config.lm.max_length, image_mode=image_mode,
+               media_tokens=media_tokens_per_image(config))
 
   def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] = (),
                     index: int = 0) -> tuple[list[int], list[np.ndarray]]:
@@ -100,6 +109,7 @@ class Processor:
     if num_placeholders != len(sources):
       raise ValueError(f"prompt {index} has {num_placeholders} {tokenizer_lib.MEDIA_TOKEN} "
                        f"placeholders but {len(sources)} images: give one image per placeholder")
+    ids = sequence.expand_media_tokens(ids, self.tokenizer.media_token_id, self.media_tokens)
     if len(ids) > self.max_length:
       raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the model's context "
                        f"of {self.max_length} tokens")

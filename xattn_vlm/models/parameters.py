@@ -25,6 +25,6 @@ def count_parameters(config: ml_collections.ConfigDict) -> dict[str, int]:
   params = nnx.state(model, nnx.Param)
   counts = {part: size(params[part]) for part in PARTS}
   counts["added"] = size(params["added_embed"]) + size(params["added_head"])
-  counts["trainable"] = size(nnx.state(model, flamingo.trainable))
-  counts["frozen"] = size(nnx.state(model, flamingo.frozen))
+  counts["trainable"] = size(nnx.state(model, flamingo.trainable_params(config)))
+  counts["frozen"] = size(nnx.state(model, flamingo.frozen_params(config)))
   return counts
