@@ -6,6 +6,11 @@ from xattn_vlm.inference.decoding import (Generation, GenerationConfig, Generati
 from xattn_vlm.inference.model import InferenceModel
 from xattn_vlm.inference.processor import Batch, Processor
 from xattn_vlm.inference.scoring import Scores, score
+from xattn_vlm.inference.training_free import (MagicConfig, TextGeneration, greedy_text,
+                                               magic_generate, magic_tokens, socratic_answer,
+                                               socratic_prompt)
 
 __all__ = ["Batch", "Generation", "GenerationConfig", "GenerationOutput", "InferenceModel",
-           "Processor", "Scores", "generate", "generate_tokens", "score"]
+           "MagicConfig", "Processor", "Scores", "TextGeneration", "generate", "generate_tokens",
+           "greedy_text", "magic_generate", "magic_tokens", "score", "socratic_answer",
+           "socratic_prompt"]

@@ -113,9 +113,11 @@ class Processor:
     if len(ids) > self.max_length:
       raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the model's context "
                        f"of {self.max_length} tokens")
-    return ids, [self._image(source, index, j) for j, source in enumerate(sources)]
+    return ids, [self.preprocess_image(source, index, j) for j, source in enumerate(sources)]
 
-  def _image(self, source: ImageLike, index: int, position: int) -> np.ndarray:
+  def preprocess_image(self, source: ImageLike, index: int = 0, position: int = 0) -> np.ndarray:
+    """One image as the tower takes it, float32 [H, W, C]; ``index`` and ``position`` (its prompt
+    and its place there) name it in errors."""
     try:
       return images_lib.preprocess_image(source, size=self.image_size, mean=self.image_mean,
                                          std=self.image_std, mode=self.image_mode)
