@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import leaves, tiny
 from test_sequence import ids_of, image, word_tokenizer
 
 from xattn_vlm.data import default_tokenizer, sequence
@@ -17,7 +18,7 @@ from xattn_vlm.models import flamingo as flamingo_lib
 from xattn_vlm.models.contrastive import DualEncoder
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.models.lm import DecoderLM
-from xattn_vlm.train import configs, stages
+from xattn_vlm.train import configs, stages, trainer
 
 V = model_config.tiny().lm.vocab_size
 IMG, EOC = V, V + 1
@@ -366,3 +367,18 @@ def test_socratic_prompt_puts_captions_and_demos_in_the_frozen_lms_prompt():
   assert answers[0] == expected.split("\n")[0].strip()
   with pytest.raises(ValueError, match="one per image"):
     socratic_answer(lm, processor, lambda images: [], ["red"], ["q"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["prefix", "joint"])
+def test_the_trainer_trains_what_the_mode_says(tmp_path, fusion):
+  """Three steps of the Flamingo stage through the one trainer (shapes-world data, runs of
+  num_latents <image> tokens): prefix leaves the LM and the tower bit-identical, joint moves them."""
+  config = tiny(**{"model.fusion": fusion})
+  initial = leaves(trainer.create_train_state(trainer.setup(config)).params)
+  final = leaves(trainer.train(config, str(tmp_path)).params)
+  moved = {name for name in final if not np.array_equal(final[name], initial[name])}
+  assert any(name.startswith("prefix_projection/") for name in moved)
+  assert any(name.startswith("resampler/") for name in moved)
+  towers_moved = {name.split("/")[0] for name in moved} & {"lm", "vision"}
+  assert towers_moved == (set() if fusion == "prefix" else {"lm", "vision"})
