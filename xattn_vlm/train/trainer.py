@@ -193,7 +193,7 @@ def make_train_step(s: Setup, weights: Mapping[str, float]) -> Callable:
   batch_axes = sharding_lib.batch_spec(s.rules, s.mesh)[0]
 
   def train_step(state: TrainState, batches):
-    trainable, frozen = nnx.split_state(state.params, stage.trainable(config), ...
+    trainable, frozen = nnx.split_state(state.params, stage.trainable(config), ...)
 
     def loss_and_grad(micro):
       loss_sum = lambda p: stage.loss_sum(nnx.merge(graphdef, p, frozen), micro)
