@@ -263,6 +263,8 @@ def test_processor_expands_each_image_into_the_models_run():
   batch = processor(["<image>a red square<image>", "a<image>"], [[pixels, pixels], [pixels]])
   counts = (batch.input_ids == tokenizer.media_token_id).sum(-1)
   np.testing.assert_array_equal(counts, [2 * N, N])
+  # The length the evaluation pads to is the processor's count of the model's ids.
+  assert len(processor.encode_text("<image>a red square<image>")) == batch.attention_mask[0].sum()
   model = Flamingo(config, rngs=nnx.Rngs(0))
   model(batch.images, batch.input_ids, batch.attention_mask, media_mask=batch.media_mask)
   with pytest.raises(ValueError, match="runs of exactly 4"):

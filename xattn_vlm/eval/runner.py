@@ -355,8 +355,7 @@ class Evaluator:
     cells = [cell]
     if self.config.one_shape_per_task:
       cells = [c for c in self.cells() if c.task == cell.task]
-    encode = self.processor.tokenizer.encode
-    longest = max(len(encode(prompt.text)) for c in cells for prompt, _ in self.prompts(c))
+    longest = max(len(self.processor.encode_text(prompt.text)) for c in cells for prompt, _ in self.prompts(c))
     new = self._continuation_tokens(cell)
     context = self.model.config.lm.max_length
     if longest + new > context:

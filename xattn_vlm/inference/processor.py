@@ -88,6 +88,12 @@ class Processor:
                max_length=config.lm.max_length, image_mode=image_mode,
                media_tokens=media_tokens_per_image(config))
 
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of text with ``<image>`` placeholders, each image expanded to the model's run of
+    ``media_tokens`` tokens: the ids the model reads, so their count is the prompt's length."""
+    return sequence.expand_media_tokens(self.tokenizer.encode(text), self.tokenizer.media_token_id,
+                                        self.media_tokens)
+
   def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] = (),
                     index: int = 0) -> tuple[list[int], list[np.ndarray]]:
     """One prompt -> (token ids, preprocessed images [H, W, C]); ``index`` names it in errors."""
@@ -102,14 +108,13 @@ class Processor:
     else:
       raise TypeError(f"prompt {index} must be a str or a list of text and images, got "
                       f"{type(prompt).__name__}")
-    ids = self.tokenizer.encode(text)
+    ids = self.encode_text(text)
     if not ids:
       raise ValueError(f"prompt {index} is empty (0 tokens): give it text or images")
-    num_placeholders = ids.count(self.tokenizer.media_token_id)
+    num_placeholders = ids.count(self.tokenizer.media_token_id) // self.media_tokens
     if num_placeholders != len(sources):
       raise ValueError(f"prompt {index} has {num_placeholders} {tokenizer_lib.MEDIA_TOKEN} "
                        f"placeholders but {len(sources)} images: give one image per placeholder")
-    ids = sequence.expand_media_tokens(ids, self.tokenizer.media_token_id, self.media_tokens)
     if len(ids) > self.max_length:
       raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the model's context "
                        f"of {self.max_length} tokens")
