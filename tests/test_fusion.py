@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import leaves, tiny
+from helpers import experiment_config, leaves, tiny
 from test_sequence import ids_of, image, word_tokenizer
 
 from xattn_vlm.data import default_tokenizer, sequence
@@ -18,6 +18,7 @@ from xattn_vlm.models import flamingo as flamingo_lib
 from xattn_vlm.models.contrastive import DualEncoder
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.models.lm import DecoderLM
+from xattn_vlm.recipe import fusion as fusion_recipe
 from xattn_vlm.train import configs, stages, trainer
 
 V = model_config.tiny().lm.vocab_size
@@ -384,3 +385,47 @@ def test_the_trainer_trains_what_the_mode_says(tmp_path, fusion):
   assert any(name.startswith("resampler/") for name in moved)
   towers_moved = {name.split("/")[0] for name in moved} & {"lm", "vision"}
   assert towers_moved == (set() if fusion == "prefix" else {"lm", "vision"})
+
+
+@pytest.mark.slow
+def test_the_fusion_comparison_writes_its_table_and_plot(tmp_path):
+  """The comparison (``experiments/shapes_tiny.py:fusion_smoke``), cut to a few steps and
+  queries: a row per trained mode with its parameters, times and scores, and the plot."""
+  config = experiment_config("shapes_tiny", "fusion_smoke")
+  for stage in config.stages.values():
+    stage.total_steps = 4
+    stage.optimizer.warmup_steps = 0
+    stage.checkpoint.every_steps = 4
+  config.eval.shapes.num_queries = 4
+  config.eval.shapes.pool_size = 32
+  config.eval.batch_size = 4
+  rows = fusion_recipe.run(config, str(tmp_path))
+  assert list(rows) == ["xattn", "prefix", "joint"]
+  trainable = {mode: row["trainable_parameters"] for mode, row in rows.items()}
+  assert trainable["prefix"] < trainable["xattn"] < trainable["joint"]
+  for row in rows.values():
+    assert set(row["results"]) == {"shapes_captioning", "shapes_vqa", "shapes_binding"}
+    assert all(set(by_shot) == {0, 4} for by_shot in row["results"].values())
+    assert row["step_time"] > 0 and row["eval_seconds"] > 0
+  text = (tmp_path / fusion_recipe.TABLE).read_text()
+  assert all(f"\n| {mode} | {trainable[mode]:,} |" in text for mode in rows)
+  assert "VQA accuracy (%), 4-shot" in text
+  assert (tmp_path / fusion_recipe.FIGURE).stat().st_size > 10_000
+  with pytest.raises(ValueError, match="config.fusion_modes"):
+    config.fusion_modes = "xattn,early"
+    fusion_recipe.modes(config)
+
+
+def test_the_fusion_table_has_a_row_per_mode_and_a_column_per_task_and_shots(tmp_path):
+  rows = {mode: {"trainable_parameters": 1000 * (i + 1), "step_time": 0.25, "eval_seconds": 12.0,
+                 "results": {"shapes_vqa": {0: 10.0 + i, 4: 20.0 + i},
+                             "shapes_captioning": {0: 5.0, 4: 7.5}}}
+          for i, mode in enumerate(("xattn", "prefix"))}
+  lines = fusion_recipe.table(rows).splitlines()
+  assert lines[2].startswith("| mode | trainable params | step time (s) | evaluation (s) | "
+                             "captioning (CIDEr), 0-shot | captioning (CIDEr), 4-shot | "
+                             "VQA accuracy (%), 0-shot | VQA accuracy (%), 4-shot |")
+  assert lines[4] == "| xattn | 1,000 | 0.250 | 12 | 5.0 | 7.5 | 10.0 | 20.0 |"
+  assert lines[5] == "| prefix | 2,000 | 0.250 | 12 | 5.0 | 7.5 | 11.0 | 21.0 |"
+  fusion_recipe.plot(rows, tmp_path / "fusion.png")
+  assert (tmp_path / "fusion.png").stat().st_size > 10_000
