@@ -27,7 +27,11 @@ One stage alone (the recipe runs these into <workdir>/<stage>):
    the Flamingo protocol, and a report (``xattn_vlm.recipe``).
 
 Presets: ``recipe`` (default), ``smoke`` (the recipe in a minute or two, for the end-to-end
-test), or one stage, optionally with ``steps=N`` (e.g. ``:flamingo,steps=20``).
+test), or one stage, optionally with ``steps=N`` (e.g. ``:flamingo,steps=20``). ``fusion`` and
+``fusion_smoke``: the recipe's and the smoke recipe's settings with ``fusion_modes``, for the
+comparison of the trained fusion modes (docs/model.md, "Fusion modes"):
+  python -m xattn_vlm.recipe.fusion --config=experiments/shapes_tiny.py:fusion \
+      --workdir=runs/fusion_compare
 """
 
 import ml_collections
@@ -132,11 +136,15 @@ def recipe_config(smoke: bool) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   settings = configs.parse_arg(arg, preset="recipe", steps=0)
-  if settings.preset in ("recipe", "smoke"):
+  if settings.preset in ("recipe", "smoke", "fusion", "fusion_smoke"):
     if settings.steps:
       raise ValueError(f"config preset {arg!r}: steps=N sets one stage's steps; the "
                        f"{settings.preset} preset fixes its own")
-    return recipe_config(smoke=settings.preset == "smoke")
+    config = recipe_config(smoke=settings.preset.endswith("smoke"))
+    if settings.preset.startswith("fusion"):
+      config.fusion_modes = "xattn,prefix,joint"
+    return config
   if settings.preset not in configs.STAGES:
-    raise ValueError(f"config preset {arg!r}: expected recipe, smoke or one of {configs.STAGES}")
+    raise ValueError(f"config preset {arg!r}: expected recipe, smoke, fusion, fusion_smoke or "
+                     f"one of {configs.STAGES}")
   return stage_config(settings.preset, settings.steps)

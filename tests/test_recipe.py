@@ -117,7 +117,7 @@ def test_recipe_presets():
   assert tuple(full.eval.shots) == (0, 4, 8)
   with pytest.raises(ValueError, match="steps=N"):
     shapes_tiny("smoke,steps=3")
-  with pytest.raises(ValueError, match="expected recipe, smoke or one of"):
+  with pytest.raises(ValueError, match="expected recipe, smoke, fusion, fusion_smoke or one of"):
     shapes_tiny("pretrain")
 
 

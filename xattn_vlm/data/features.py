@@ -174,8 +174,9 @@ class CachedFeaturesTransform:
   cache. An image missing from the cache raises ``BadRecordError`` (skipped, counted)."""
 
   def __init__(self, tokenizer, cache: FeatureCache, *, max_tokens: int, max_images: int,
-               supervise: str = "all"):
+               supervise: str = "all", media_tokens: int = 1):
     self.tokenizer = tokenizer
+    self.media_tokens = media_tokens
     self.cache = cache
     self.max_tokens = max_tokens
     self.max_images = max_images
@@ -198,7 +199,7 @@ class CachedFeaturesTransform:
     pipeline.require_text(chunks, record.get("id"))
     example = sequence.build_example(chunks, self.tokenizer, max_tokens=self.max_tokens,
                                      max_images=self.max_images, image_shape=(1, 1, 1, 1),
-                                     supervise=self.supervise)
+                                     supervise=self.supervise, media_tokens=self.media_tokens)
     del example["images"]
     stacked = np.zeros((self.max_images, 1, *self.cache.shape), np.float32)
     count = int(example["num_images"])

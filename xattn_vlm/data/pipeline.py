@@ -131,8 +131,9 @@ class ExampleTransform:
 
   def __init__(self, tokenizer, *, max_tokens: int, max_images: int, image_size: int,
                mean: Sequence[float], std: Sequence[float], mode: str = "pad",
-               supervise: str = "all"):
+               supervise: str = "all", media_tokens: int = 1):
     self.tokenizer = tokenizer
+    self.media_tokens = media_tokens
     self.max_tokens = max_tokens
     self.max_images = max_images
     self.supervise = supervise
@@ -158,7 +159,7 @@ class ExampleTransform:
     return sequence.build_example(chunks, self.tokenizer, max_tokens=self.max_tokens,
                                   max_images=self.max_images,
                                   image_shape=(1, self.image_size, self.image_size, 3),
-                                  supervise=self.supervise)
+                                  supervise=self.supervise, media_tokens=self.media_tokens)
 
 
 class TextTransform:

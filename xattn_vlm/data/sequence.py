@@ -22,11 +22,16 @@ from the text alone.
 A document may have no supervised token (no image, or cut right after ``<image>``); the loss must
 then use a safe denominator, ``max(count, 1)``, so it contributes zero and not NaN.
 
-Truncation keeps the document's beginning and never separates an image from its token:
+Under the ``prefix`` and ``joint`` fusion modes an image stands as a run of ``media_tokens``
+consecutive ``<image>`` tokens (``models.config.media_tokens_per_image``), each of which takes
+one of its latents as input; ``expand_media_tokens`` writes such runs, here and in the processor.
+
+Truncation keeps the document's beginning and never separates an image from its tokens:
   * images beyond ``max_images`` are dropped with their ``<image>``, their text and their
     ``<|endofchunk|>``: that text describes a dropped image, and attached to the previous chunk it
     would teach the model to describe the wrong image. The shorter document still ends with EOS.
-  * then the tokens are cut at ``max_tokens``; an image whose ``<image>`` token was cut is dropped.
+  * then the tokens are cut at ``max_tokens``; an image whose ``<image>`` token (or any token of
+    its run) was cut is dropped, with the rest of its run.
     The last chunk may lose its tail (and its ``<|endofchunk|>``); what is left stays supervised.
 """
 
@@ -59,6 +64,16 @@ def supervised_mask(input_ids, media_token_id: int, eoc_token_id: int,
   last_eoc = np.maximum.accumulate(np.where(ids == eoc_token_id, positions, -1), axis=-1)
   eoc_before = np.concatenate([np.full_like(last_eoc[..., :1], -1), last_eoc[..., :-1]], axis=-1)
   return (last_media > eoc_before) & ~is_media & valid
+
+
+def expand_media_tokens(ids: Sequence[int], media_token_id: int, media_tokens: int) -> list[int]:
+  """``ids`` with every ``<image>`` id repeated ``media_tokens`` times: one image's run."""
+  if media_tokens < 1:
+    raise ValueError(f"media_tokens must be >= 1, got {media_tokens}")
+  out: list[int] = []
+  for i in ids:
+    out.extend([i] * media_tokens if i == media_token_id else [i])
+  return out
 
 
 def example_spec(max_tokens: int, max_images: int | None = None,
@@ -126,7 +141,7 @@ def _pad(ids: list[int], length: int, fill: int) -> np.ndarray:
 
 def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: int,
                   image_shape: tuple[int, int, int, int],
-                  supervise: str = "all") -> dict[str, np.ndarray]:
+                  supervise: str = "all", media_tokens: int = 1) -> dict[str, np.ndarray]:
   """Tokens, labels and images of one interleaved document, padded to fixed sizes.
 
   ``chunks`` is the document in order: ``str`` text and preprocessed float images ([F, H, W, C],
@@ -137,6 +152,7 @@ def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: i
   policy: see the module docstring. ``supervise`` ``"answer"`` keeps the labels of the last text
   chunk (which must follow an image) and its ``<|endofchunk|>`` only: the tokens the encoding of
   its image's text gains by it, so a merge across the boundary is never half supervised.
+  ``media_tokens``: how many ``<image>`` tokens each image stands as (``expand_media_tokens``).
   """
   _check_limits(max_tokens, max_images)
   if supervise not in SUPERVISE:
@@ -157,14 +173,17 @@ def build_example(chunks: Sequence, tokenizer, *, max_tokens: int, max_images: i
   ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
   ids += _encode_text(tokenizer, prefix, "before the first image", allow_eoc=True)
   answer_start = max_tokens  # supervise="answer": labels from here on (none when it stays)
+  run = expand_media_tokens([tokenizer.media_token_id], tokenizer.media_token_id, media_tokens)
   for k, (_, texts) in enumerate(media[:max_images]):
     text_ids = _encode_text(tokenizer, texts, f"after image {k}")
     if supervise == "answer" and k == len(media) - 1:
-      answer_start = len(ids) + 1 + _common_prefix(
+      answer_start = len(ids) + len(run) + _common_prefix(
           text_ids, _encode_text(tokenizer, texts[:-1], f"after image {k}"))
-    ids += [tokenizer.media_token_id, *text_ids, tokenizer.eoc_token_id]
+    ids += [*run, *text_ids, tokenizer.eoc_token_id]
   ids = (ids + [tokenizer.eos_token_id])[:max_tokens]
-  num_images = ids.count(tokenizer.media_token_id)
+  while ids.count(tokenizer.media_token_id) % len(run):  # the cut split the last image's run
+    ids.pop()
+  num_images = ids.count(tokenizer.media_token_id) // len(run)
 
   attention_mask = _pad([1] * len(ids), max_tokens, 0)
   input_ids = _pad(ids, max_tokens, tokenizer.pad_token_id)

@@ -372,7 +372,7 @@ class Evaluator:
 
   def _token_count(self, prompt: fewshot.FewShotPrompt) -> int:
     if prompt.text not in self._token_counts:
-      self._token_counts[prompt.text] = len(self.processor.tokenizer.encode(prompt.text))
+      self._token_counts[prompt.text] = len(self.processor.token_ids(prompt.text))
     return self._token_counts[prompt.text]
 
   def _batches(self, cell: Cell, prompts: Sequence) -> list[list[int]]:

@@ -152,18 +152,19 @@ def start_uncached(model: Flamingo, images: jax.Array | None, input_ids: jax.Arr
   mask = jnp.concatenate([attention_mask, jnp.zeros((b, num_new - 1), attention_mask.dtype)],
                          axis=1)
   state = (images, vision_features, buffer, mask, jnp.zeros((), jnp.int32))
+  prefix_end = jnp.full((b,), length, jnp.int32)  # joint fusion: the prompt is the prefix
 
   def step(tokens, state):
     images, features, buffer, mask, t = state
     buffer = jax.lax.dynamic_update_slice(buffer, tokens[:, None].astype(buffer.dtype),
                                           (0, length + t))
     mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), mask.dtype), (0, length + t))
-    logits = model(images, buffer, mask, vision_features=features)
+    logits = model(images, buffer, mask, vision_features=features, prefix_end=prefix_end)
     return jax.lax.dynamic_index_in_dim(logits, length + t, axis=1, keepdims=False), (
         images, features, buffer, mask, t + 1)
 
-  return (model(images, input_ids, attention_mask, vision_features=vision_features)[:, -1], state,
-          step)
+  return (model(images, input_ids, attention_mask, vision_features=vision_features,
+                prefix_end=prefix_end)[:, -1], state, step)
 
 
 def map_batch(fn: Callable[[jax.Array], jax.Array], state: Any) -> Any:

@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from xattn_vlm.data import images as images_lib
+from xattn_vlm.data import sequence
 from xattn_vlm.data import tokenizer as tokenizer_lib
+from xattn_vlm.models.config import media_tokens_per_image
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 # Text with <image> placeholders, or text segments (str) and images in reading order.
@@ -60,10 +62,13 @@ class Processor:
     image_mean, image_std: the tower's per-channel pixel statistics.
     max_length: the model's context in tokens; longer prompts are rejected, not truncated.
     image_mode: ``"pad"`` (keep the whole image) or ``"crop"`` (CLIP's centre crop).
+    media_tokens: the ``<image>`` tokens each image stands as in the model's input
+      (``models.config.media_tokens_per_image``); a prompt writes one per image.
   """
 
   def __init__(self, tokenizer, *, image_size: int, image_mean: Sequence[float],
-               image_std: Sequence[float], max_length: int, image_mode: str = "pad"):
+               image_std: Sequence[float], max_length: int, image_mode: str = "pad",
+               media_tokens: int = 1):
     if image_mode not in images_lib.MODES:
       raise ValueError(f"image_mode must be one of {images_lib.MODES}, got {image_mode!r}")
     self.tokenizer = tokenizer
@@ -72,6 +77,9 @@ class Processor:
     self.image_std = tuple(image_std)
     self.max_length = max_length
     self.image_mode = image_mode
+    if media_tokens < 1:
+      raise ValueError(f"media_tokens must be >= 1, got {media_tokens}")
+    self.media_tokens = media_tokens
 
   @classmethod
   def from_model_config(cls, config: ml_collections.ConfigDict, tokenizer,
@@ -81,13 +89,20 @@ class Processor:
     tokenizer.require_model(config)
     return cls(tokenizer, image_size=config.vision.image_size,
                image_mean=config.vision.image_mean, image_std=config.vision.image_std,
-               max_length=config.lm.max_length, image_mode=image_mode)
+               max_length=config.lm.max_length, image_mode=image_mode,
+               media_tokens=media_tokens_per_image(config))
+
+  def token_ids(self, text: str) -> list[int]:
+    """Token ids of text with ``<image>`` placeholders, each image expanded to the model's run of
+    ``media_tokens`` tokens: the ids the model reads, so their count is the prompt's length."""
+    return sequence.expand_media_tokens(self.tokenizer.encode(text), self.tokenizer.media_token_id,
+                                        self.media_tokens)
 
   def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] = (),
                     index: int = 0) -> tuple[list[int], list[np.ndarray]]:
     """One prompt -> (token ids, preprocessed images [H, W, C]); ``index`` names it in errors."""
     ids, sources = self.encode_text(prompt, images, index)
-    return ids, [self._image(source, index, j) for j, source in enumerate(sources)]
+    return ids, [self.preprocess_image(source, index, j) for j, source in enumerate(sources)]
 
   def encode_text(self, prompt: Prompt, images: Sequence[ImageLike] = (),
                   index: int = 0) -> tuple[list[int], list[ImageLike]]:
@@ -103,10 +118,10 @@ class Processor:
     else:
       raise TypeError(f"prompt {index} must be a str or a list of text and images, got "
                       f"{type(prompt).__name__}")
-    ids = self.tokenizer.encode(text)
+    ids = self.token_ids(text)
     if not ids:
       raise ValueError(f"prompt {index} is empty (0 tokens): give it text or images")
-    num_placeholders = ids.count(self.tokenizer.media_token_id)
+    num_placeholders = ids.count(self.tokenizer.media_token_id) // self.media_tokens
     if num_placeholders != len(sources):
       raise ValueError(f"prompt {index} has {num_placeholders} {tokenizer_lib.MEDIA_TOKEN} "
                        f"placeholders but {len(sources)} images: give one image per placeholder")
@@ -115,7 +130,9 @@ class Processor:
                        f"of {self.max_length} tokens")
     return ids, sources
 
-  def _image(self, source: ImageLike, index: int, position: int) -> np.ndarray:
+  def preprocess_image(self, source: ImageLike, index: int = 0, position: int = 0) -> np.ndarray:
+    """One image as the tower takes it, float32 [H, W, C]; ``index`` and ``position`` (its prompt
+    and its place there) name it in errors."""
     try:
       return images_lib.preprocess_image(source, size=self.image_size, mean=self.image_mean,
                                          std=self.image_std, mode=self.image_mode)

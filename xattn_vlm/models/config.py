@@ -24,6 +24,10 @@ _FAMILY_DEFAULTS = {
     "gpt_neox": (False, True, "gelu"),
 }
 XATTN_NORMS = ("layernorm", "rmsnorm")
+# How the LM sees images (docs/model.md "Fusion modes"): gated cross-attention blocks (Flamingo),
+# projected latents in place of the <image> tokens of a frozen LM (Frozen, ClipCap), or the same
+# inputs to an LM that trains with a prefix-LM mask (SimVLM).
+FUSION_MODES = ("xattn", "prefix", "joint")
 
 
 def lm_config(*, family: str, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int,
@@ -147,19 +151,38 @@ def xattn_config(*, every_n_layers: int = 1, num_heads: int = 8, head_dim: int =
 def flamingo_config(*, lm, vision, resampler, xattn,
                     added_tokens: Sequence[str] = special_tokens.DEFAULT_ADDED_TOKENS,
                     dtype: str = "float32", param_dtype: str = "float32",
-                    remat: str = "none", attention: str = "auto") -> ml_collections.ConfigDict:
+                    remat: str = "none", attention: str = "auto",
+                    fusion: str = "xattn") -> ml_collections.ConfigDict:
   """The whole model. ``added_tokens`` are the special tokens after the LM vocabulary, in id
   order: token k has id ``lm.vocab_size + k`` (new models: ``<image>``, ``<|endofchunk|>``;
   OpenFlamingo's checkpoints the reverse; IDEFICS ``<fake_token_around_image>``, ``<image>``).
   Their input and output rows train, the LM vocabulary stays frozen. ``remat`` names what each
   block keeps for the backward pass (``models.remat.NAMES``); ``attention`` which attention code
-  every tower runs (``auto``, ``fused`` or ``explicit``: ``models.layers.attend``)."""
+  every tower runs (``auto``, ``fused`` or ``explicit``: ``models.layers.attend``); ``fusion``
+  how the LM sees the images (``FUSION_MODES``)."""
   added_tokens = tuple(added_tokens)
   special_tokens.added_token_ids(lm.vocab_size, added_tokens)  # checks the list
-  return ml_collections.ConfigDict(dict(
+  config = ml_collections.ConfigDict(dict(
       lm=lm, vision=vision, resampler=resampler, xattn=xattn, added_tokens=added_tokens,
-      dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+      dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, fusion=fusion,
   ))
+  fusion_mode(config)
+  return config
+
+
+def fusion_mode(config: ml_collections.ConfigDict) -> str:
+  """``config.fusion`` of a model config, checked against ``FUSION_MODES``."""
+  mode = config.get("fusion", "xattn")  # configs saved before fusion modes existed are xattn
+  if mode not in FUSION_MODES:
+    raise ValueError(f"config.model.fusion must be one of {FUSION_MODES}, got {mode!r}")
+  return mode
+
+
+def media_tokens_per_image(config: ml_collections.ConfigDict) -> int:
+  """How many consecutive ``<image>`` tokens stand for one image in this model's sequences: one
+  under cross-attention, ``resampler.num_latents`` when the latents are the LM's inputs (each
+  placeholder's embedding is replaced by one latent)."""
+  return 1 if fusion_mode(config) == "xattn" else config.resampler.num_latents
 
 
 # OpenAI's CLIP ViT-L/14 (quick GELU). The published checkpoints read its features before the

@@ -1,6 +1,12 @@
 """The Flamingo composition: frozen vision tower -> Perceiver resampler -> frozen LM with gated
 cross-attention blocks, plus trainable rows for the added special tokens.
 
+``config.fusion`` picks how the LM sees the latents (docs/model.md, "Fusion modes"): ``xattn``
+through the gated blocks; ``prefix`` and ``joint`` as inputs: each image stands in the sequence
+as ``resampler.num_latents`` consecutive ``<image>`` tokens, and the k-th of them takes the
+image's latent k, projected to the LM width, as its input embedding. ``prefix`` keeps the LM
+frozen and causal (Frozen, ClipCap); ``joint`` trains everything with a prefix-LM mask (SimVLM).
+
 Three entry points share one layer loop (the LM's): the training forward ``__call__`` (logits at
 all positions), ``prefill`` (the prompt, building the LM KV cache and the cross-attention keys and
 values once) and ``decode_step`` (one new token per sequence, reusing both caches).
@@ -17,15 +23,36 @@ from flax import nnx, struct
 from xattn_vlm import special_tokens
 from xattn_vlm.models import layers
 from xattn_vlm.models import remat as remat_lib
+from xattn_vlm.models.config import fusion_mode, media_tokens_per_image
 from xattn_vlm.models.lm import DecoderLM, LMCache
 from xattn_vlm.models.resampler import PerceiverResampler
 from xattn_vlm.models.vision import VisionEncoder
 from xattn_vlm.models.xattn import GatedCrossAttentionBlock, cross_attention_mask, media_locations
 
 TRAINABLE_PARTS = ("resampler", "gated_blocks", "added_embed", "added_head")
+# The parts that train in each fusion mode; ``joint`` trains every parameter.
+_MODE_PARTS = {"xattn": TRAINABLE_PARTS,
+               "prefix": ("resampler", "prefix_projection", "added_embed", "added_head")}
 
-# Parameters that train in the Flamingo stage: everything else (LM, vision tower) is frozen.
-trainable = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in TRAINABLE_PARTS)))
+
+def _parts(parts: tuple[str, ...]) -> nnx.filterlib.Filter:
+  return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in parts)))
+
+
+def trainable_params(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+  """The parameters that train for a model config: its fusion mode's parts (``xattn``: resampler,
+  gated blocks, added-token rows; ``prefix``: resampler, projection, added-token rows), every
+  parameter for ``joint``. Everything else is frozen."""
+  mode = fusion_mode(config)
+  return nnx.Param if mode == "joint" else _parts(_MODE_PARTS[mode])
+
+
+def frozen_params(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+  return nnx.All(nnx.Param, nnx.Not(trainable_params(config)))
+
+
+# Cross-attention fusion's filters (the default mode).
+trainable = _parts(TRAINABLE_PARTS)
 frozen = nnx.All(nnx.Param, nnx.Not(trainable))
 
 
@@ -43,7 +70,10 @@ def gated_layer_indices(num_layers: int, every_n_layers: int, offset: int = 0) -
 
 
 def gated_layers(config: ml_collections.ConfigDict) -> list[int]:
-  """``gated_layer_indices`` of a model config: the LM blocks its gated blocks run before."""
+  """``gated_layer_indices`` of a model config: the LM blocks its gated blocks run before (none
+  unless its fusion mode is ``xattn``)."""
+  if fusion_mode(config) != "xattn":
+    return []
   return gated_layer_indices(config.lm.num_layers, config.xattn.every_n_layers,
                              config.xattn.offset)
 
@@ -74,6 +104,8 @@ class Flamingo(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.config = config
+    self.fusion = fusion_mode(config)
+    self.media_tokens = media_tokens_per_image(config)
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     lm_cfg, vis_cfg, x_cfg = config.lm, config.vision, config.xattn
@@ -92,6 +124,9 @@ class Flamingo(nnx.Module):
             norm=x_cfg.norm, qk_norm=x_cfg.qk_norm, ffw_dim=x_cfg.ffw_dim,
             gated_ffw=x_cfg.gated_ffw, attention=config.attention, **kw)
         for _ in self.gated_layers])
+    self.prefix_projection = (
+        None if self.fusion == "xattn" else
+        layers.Dense(dim_visual, lm_cfg.embed_dim, (None, "embed"), use_bias=True, **kw))
     num_added = len(config.added_tokens)
     self.added_embed = layers.Embed(num_added, lm_cfg.embed_dim,
                                     axes=(None, "embed"), **kw)
@@ -108,14 +143,16 @@ class Flamingo(nnx.Module):
     """Media -> latents [B, T, num_latents, D_visual].
 
     images: float [B, T, F, H, W, C] (an image is F=1; [B, T, H, W, C] is read as F=1), encoded
-    frame by frame by the frozen tower under stop_gradient. vision_features: the tower's output
-    [B, T, F, P, D] precomputed (a feature cache), which skips the tower.
+    frame by frame by the tower, under stop_gradient unless the tower trains (``joint``).
+    vision_features: the tower's output [B, T, F, P, D] precomputed (a feature cache), which skips
+    the tower.
     """
     if vision_features is None:
       images = self._check_images(images)
       b, t, f = images.shape[:3]
       features = self.vision(images.reshape((b * t * f,) + images.shape[3:]))
-      features = jax.lax.stop_gradient(features)
+      if self.fusion != "joint":
+        features = jax.lax.stop_gradient(features)
       vision_features = features.reshape((b, t, f) + features.shape[1:])
     elif vision_features.ndim != 5:
       raise ValueError("vision_features must be [B, T_media, F, P, D], got shape "
@@ -130,6 +167,22 @@ class Flamingo(nnx.Module):
                                            len(self.config.added_tokens) - 1))
     return jnp.where(is_added, added_rows.astype(lm_rows.dtype), lm_rows)
 
+  def input_embeddings(self, input_ids: jax.Array, latents: jax.Array) -> jax.Array:
+    """``embed``, and in the ``prefix`` and ``joint`` modes each image's projected latents in
+    place of its run of ``<image>`` tokens. latents [B, T, n, D_visual] -> [B, L, D].
+
+    Runs are exactly n tokens long, so the j-th ``<image>`` token of a sequence (0-based, counted
+    over the whole sequence) takes flat latent j: latent j % n of image j // n.
+    """
+    x = self.embed(input_ids)
+    if self.prefix_projection is None:
+      return x
+    b, t, n, _ = latents.shape
+    soft = self.prefix_projection(latents).reshape(b, t * n, -1).astype(x.dtype)  # [B, T*n, D]
+    is_media = input_ids == self.media_token_id
+    j = jnp.clip(jnp.cumsum(is_media, axis=-1) - 1, 0, max(t * n - 1, 0))  # [B, L]
+    return jnp.where(is_media[..., None], jnp.take_along_axis(soft, j[..., None], axis=1), x)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, vocab + added]: the frozen LM head, then the added tokens' rows."""
     added = jnp.einsum("bld,kd->blk", hidden.astype(self.dtype),
@@ -140,8 +193,9 @@ class Flamingo(nnx.Module):
   def _media_kv(self, latents: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
     return tuple(block.attn.project_media(latents) for block in self.gated_blocks)
 
-  def _run(self, input_ids, positions, attention_mask, media_kv, xattn_mask, cache):
-    """The one layer loop: the LM's, with gated blocks inserted before the chosen LM blocks."""
+  def _run(self, x, positions, attention_mask, media_kv, xattn_mask, cache, prefix_end=None):
+    """The one layer loop over input embeddings x: the LM's, with gated blocks inserted before
+    the chosen LM blocks."""
     slot = {layer: j for j, layer in enumerate(self.gated_layers)}
 
     def before_block(i, h):
@@ -150,8 +204,8 @@ class Flamingo(nnx.Module):
       run_block = remat_lib.rematerialise(lambda blk, y, kv, m: blk(y, kv, m), self.config.remat)
       return run_block(self.gated_blocks[slot[i]], h, media_kv[slot[i]], xattn_mask)
 
-    return self.lm.forward_embeddings(self.embed(input_ids), positions, attention_mask,
-                                      cache=cache, before_block=before_block)
+    return self.lm.forward_embeddings(x, positions, attention_mask, cache=cache,
+                                      before_block=before_block, prefix_end=prefix_end)
 
   def _media_index(self, input_ids: jax.Array) -> jax.Array:
     return media_locations(input_ids, self.media_token_id,
@@ -165,19 +219,27 @@ class Flamingo(nnx.Module):
 
   def __call__(self, images: jax.Array | None, input_ids: jax.Array,
                attention_mask: jax.Array | None = None, *, media_mask: jax.Array | None = None,
-               vision_features: jax.Array | None = None) -> jax.Array:
+               vision_features: jax.Array | None = None,
+               prefix_end: jax.Array | None = None) -> jax.Array:
     """Training forward: logits [B, L, vocab + added] at every position.
 
     media_mask (optional, bool [B, T]) marks which media slots are real; given concrete inputs it is
-    checked against the number of ``<image>`` tokens in each sample.
+    checked against the number of images the ``<image>`` tokens of each sample stand for.
+    prefix_end (int [B]): the prefix-LM boundary of ``joint`` fusion, which it requires:
+    positions before it attend to each other both ways, later ones causally (training passes
+    the first supervised position). The other modes' LM is causal and ignores it.
     """
     input_ids, attention_mask = self._check_text(input_ids, attention_mask)
+    if self.fusion == "joint" and prefix_end is None:
+      raise ValueError("prefix_end must be given (int [B], the prefix-LM boundary) when "
+                       "config.model.fusion is 'joint', got None")
     latents = self.encode_media(images, vision_features)
     self._check_media_count(input_ids, latents.shape[1], media_mask)
     positions = layers.default_positions(attention_mask)
     media_index = self._media_index(input_ids)
     mask = self._xattn_mask(media_index, latents.shape[1])
-    hidden, _ = self._run(input_ids, positions, attention_mask, self._media_kv(latents), mask, None)
+    hidden, _ = self._run(self.input_embeddings(input_ids, latents), positions, attention_mask,
+                          self._media_kv(latents), mask, None, self._prefix_end(prefix_end))
     return self.logits(hidden)
 
   def prefill(self, images: jax.Array | None, input_ids: jax.Array,
@@ -189,6 +251,7 @@ class Flamingo(nnx.Module):
 
     ``last_only`` returns the logits of the last position alone ([B, 1, V]), all that generation
     needs: the head's matmul then costs one position per prompt instead of the whole prompt.
+    Under ``joint`` fusion the whole prompt is the prefix (bidirectional); new tokens are causal.
     """
     input_ids, attention_mask = self._check_text(input_ids, attention_mask)
     if input_ids.shape[1] > max_length:
@@ -201,7 +264,10 @@ class Flamingo(nnx.Module):
     media_kv = self._media_kv(latents)
     mask = self._xattn_mask(media_index, latents.shape[1])
     lm_cache = self.lm.init_cache(input_ids.shape[0], max_length)
-    hidden, lm_cache = self._run(input_ids, positions, attention_mask, media_kv, mask, lm_cache)
+    whole_prompt = jnp.full((input_ids.shape[0],), input_ids.shape[1], jnp.int32)
+    hidden, lm_cache = self._run(self.input_embeddings(input_ids, latents), positions,
+                                 attention_mask, media_kv, mask, lm_cache,
+                                 self._prefix_end(whole_prompt))
     # New tokens see what the prompt's last token sees (left padding puts it in the last column).
     cache = FlamingoCache(lm=lm_cache, media_kv=media_kv, media_index=media_index[:, -1],
                           position=attention_mask.sum(axis=-1).astype(jnp.int32))
@@ -217,9 +283,12 @@ class Flamingo(nnx.Module):
     num_media = cache.media_kv[0][0].shape[2] // self.config.resampler.num_latents \
         if cache.media_kv else 0
     mask = self._xattn_mask(cache.media_index[:, None], num_media)
-    hidden, lm_cache = self._run(input_ids, cache.position[:, None], jnp.ones_like(input_ids),
-                                 cache.media_kv, mask, cache.lm)
+    hidden, lm_cache = self._run(self.embed(input_ids), cache.position[:, None],
+                                 jnp.ones_like(input_ids), cache.media_kv, mask, cache.lm)
     return self.logits(hidden), cache.replace(lm=lm_cache, position=cache.position + 1)
+
+  def _prefix_end(self, prefix_end: jax.Array | None) -> jax.Array | None:
+    return prefix_end if self.fusion == "joint" else None
 
   # -- input checks (shape checks always; value checks only outside jit, on concrete values) -----
 
@@ -252,19 +321,37 @@ class Flamingo(nnx.Module):
     return input_ids, attention_mask
 
   def _check_media_count(self, input_ids, num_media: int, media_mask) -> None:
-    counts = (input_ids == self.media_token_id).sum(axis=-1)
-    if not _is_concrete(counts):
+    is_media = input_ids == self.media_token_id
+    if not _is_concrete(is_media):
       return
-    counts = np.asarray(counts)
+    is_media = np.asarray(is_media)
+    n = self.media_tokens
+    if n > 1:
+      # Each image is one run of exactly n <image> tokens: a token that starts no run must follow
+      # another <image> token.
+      rank = np.cumsum(is_media, axis=-1) - 1
+      follows = np.concatenate([np.zeros_like(is_media[:, :1]), is_media[:, :-1]], axis=-1)
+      bad = np.nonzero((is_media & (rank % n != 0) & ~follows).any(-1)
+                       | (is_media.sum(-1) % n != 0))[0]
+      if bad.size:
+        raise ValueError(f"sample {int(bad[0])}: <image> tokens must come in runs of exactly "
+                         f"{n} (media_tokens_per_image of fusion {self.fusion!r}), got "
+                         f"{int(is_media[bad[0]].sum())} tokens in runs of other lengths")
+    tokens = is_media.sum(axis=-1)
+    counts = tokens // n
+
+    def found(i):
+      return f"{int(tokens[i])} <image> tokens" + (f" ({int(counts[i])} images)" if n > 1 else "")
+
     if media_mask is not None and _is_concrete(expected := media_mask.sum(axis=-1)):
       expected = np.asarray(expected)
       bad = np.nonzero(counts != expected)[0]
       if bad.size:
         i = int(bad[0])
-        raise ValueError(f"sample {i} has {int(counts[i])} <image> tokens in input_ids but "
-                         f"{int(expected[i])} images in media_mask")
+        raise ValueError(f"sample {i} has {found(i)} in input_ids but {int(expected[i])} images "
+                         "in media_mask")
     bad = np.nonzero(counts > num_media)[0]
     if bad.size:
       i = int(bad[0])
-      raise ValueError(f"sample {i} has {int(counts[i])} <image> tokens in input_ids but images "
-                       f"has only {num_media} media slots")
+      raise ValueError(f"sample {i} has {found(i)} in input_ids but images has only {num_media} "
+                       "media slots")

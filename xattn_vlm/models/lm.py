@@ -47,15 +47,21 @@ class LMCache:
     return self.key_valid.shape[1]
 
 
-def causal_mask(key_valid: jax.Array, index: jax.Array | int, length: int) -> jax.Array:
+def causal_mask(key_valid: jax.Array, index: jax.Array | int, length: int,
+                prefix_end: jax.Array | None = None) -> jax.Array:
   """Which keys each of ``length`` new queries may attend to. bool [B, L, S].
 
   Query j sits at slot ``index + j`` and sees slot s iff ``s <= index + j`` and ``key_valid[:, s]``.
   Without a cache the slots are the input positions (``index`` 0, ``key_valid`` the attention mask).
+  With ``prefix_end`` (int [B], a prefix LM) the slots before it also see each other both ways:
+  query slot q sees s iff ``s <= max(q, prefix_end - 1)``.
   """
   query_slots = index + jnp.arange(length)  # [L]
   key_slots = jnp.arange(key_valid.shape[1])  # [S]
-  return key_valid[:, None, :] & (key_slots[None, :] <= query_slots[:, None])[None]
+  if prefix_end is None:
+    return key_valid[:, None, :] & (key_slots[None, :] <= query_slots[:, None])[None]
+  limit = jnp.maximum(query_slots[None, :], jnp.asarray(prefix_end)[:, None] - 1)  # [B, L]
+  return key_valid[:, None, :] & (key_slots[None, None, :] <= limit[..., None])
 
 
 class SelfAttention(nnx.Module):
@@ -196,6 +202,7 @@ class DecoderLM(nnx.Module):
   def forward_embeddings(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                          cache: LMCache | None = None,
                          before_block: Callable[[int, jax.Array], jax.Array] | None = None,
+                         prefix_end: jax.Array | None = None,
                          ) -> tuple[jax.Array, LMCache | None]:
     """Runs the layers over token embeddings.
 
@@ -208,6 +215,7 @@ class DecoderLM(nnx.Module):
         keeps ``cache.index + L <= cache.max_length``: under jit it cannot be checked, and a write
         past the end would be clamped onto the last slots.
       before_block: ``(i, h) -> h`` applied right before block i (Flamingo's gated blocks).
+      prefix_end: int [B] or None; a prefix LM's boundary in slots (``causal_mask``).
 
     Returns:
       The hidden states after the final norm [B, L, D] and the updated cache (None without one).
@@ -231,7 +239,7 @@ class DecoderLM(nnx.Module):
         raise ValueError(f"input length {l} exceeds the cache's max_length {cache.max_length}")
       index = cache.index
       key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid, (0, index))
-    mask = causal_mask(key_valid, index, l)  # [B, L, S]
+    mask = causal_mask(key_valid, index, l, prefix_end)  # [B, L, S]
     bias = None
     if self.alibi_bias_max is not None:
       slopes = layers.alibi_slopes(self.cfg.num_heads, self.alibi_bias_max)

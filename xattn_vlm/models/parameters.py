@@ -11,7 +11,7 @@ from flax import nnx
 
 from xattn_vlm.models import flamingo
 
-PARTS = ("lm", "vision", "resampler", "gated_blocks")
+PARTS = ("lm", "vision", "resampler", "gated_blocks", "prefix_projection")
 
 
 def size(tree) -> int:
@@ -20,11 +20,12 @@ def size(tree) -> int:
 
 
 def count_parameters(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Parameters per part (``PARTS``, and ``added``: the new tokens' rows), trainable and frozen."""
+  """Parameters per part (``PARTS``, 0 for a part the fusion mode does not build, and ``added``:
+  the new tokens' rows), trainable and frozen."""
   model = nnx.eval_shape(lambda: flamingo.Flamingo(config, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  counts = {part: size(params[part]) for part in PARTS}
+  counts = {part: size(params[part]) if part in params else 0 for part in PARTS}  # per mode
   counts["added"] = size(params["added_embed"]) + size(params["added_head"])
-  counts["trainable"] = size(nnx.state(model, flamingo.trainable))
-  counts["frozen"] = size(nnx.state(model, flamingo.frozen))
+  counts["trainable"] = size(nnx.state(model, flamingo.trainable_params(config)))
+  counts["frozen"] = size(nnx.state(model, flamingo.frozen_params(config)))
   return counts

@@ -90,8 +90,9 @@ def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
   state = plans.device_bytes(s.abstract_state, s.state_sharding)
   batch = sum(plans.device_bytes(b, jax.tree.map(lambda x: x.sharding, b))
               for b in batches.values())
-  trainable = plans.device_bytes(nnx.filter_state(s.abstract_state.params, s.stage.trainable),
-                           nnx.filter_state(s.state_sharding.params, s.stage.trainable))
+  train_filter = s.stage.trainable(s.config)
+  trainable = plans.device_bytes(nnx.filter_state(s.abstract_state.params, train_filter),
+                                 nnx.filter_state(s.state_sharding.params, train_filter))
   activations = activation_bytes(config, shapes, dict(mesh.shape),
                                  sharding_lib.data_parallel_size(s.rules, mesh))
   memory = plans.Memory(arguments=state + batch, outputs=state, aliased=state,

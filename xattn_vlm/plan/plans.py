@@ -143,7 +143,7 @@ def setup(config: ml_collections.ConfigDict, mesh) -> tuple[trainer.Setup, dict,
   s = trainer.setup(config, mesh)
   trainer.check_batch_sizes(config, sharding_lib.data_parallel_size(s.rules, mesh))
   params = s.abstract_state.params
-  parameters = (size(nnx.filter_state(params, s.stage.trainable)), size(params))
+  parameters = (size(nnx.filter_state(params, s.stage.trainable(s.config))), size(params))
   return s, input_pipeline.abstract_batches(config, mesh, s.rules), parameters
 
 
@@ -187,8 +187,9 @@ def communication_bytes(s: trainer.Setup) -> float:
       total += reads * nbytes(x) / _shards(sharding, excluding=["fsdp"]) * (fsdp - 1) / fsdp
   replicas = sharding_lib.data_parallel_size(s.rules, s.mesh)
   batch_axes = s.rules.get("batch", ())
-  trainable = with_shardings(nnx.filter_state(s.abstract_state.params, s.stage.trainable),
-                              nnx.filter_state(s.state_sharding.params, s.stage.trainable))
+  train_filter = s.stage.trainable(s.config)
+  trainable = with_shardings(nnx.filter_state(s.abstract_state.params, train_filter),
+                              nnx.filter_state(s.state_sharding.params, train_filter))
   for (_, x), sharding in trainable:
     total += 2 * nbytes(x) / _shards(sharding, excluding=batch_axes) * (replicas - 1) / replicas
   return total

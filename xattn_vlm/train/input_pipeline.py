@@ -39,6 +39,7 @@ from xattn_vlm.data import sequence
 from xattn_vlm.data import sources
 from xattn_vlm.data.shapes.tokenizer import default_tokenizer
 from xattn_vlm.data.tokenizer import Tokenizer
+from xattn_vlm.models import config as model_config
 from xattn_vlm.train import sharding as sharding_lib
 from xattn_vlm.train import stages
 
@@ -88,6 +89,7 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   if not config.data.datasets:
     raise ValueError("config.data.datasets: expected at least one dataset, got none")
   vision = config.model.vision
+  media_tokens = model_config.media_tokens_per_image(config.model)
   result = {}
   for name, component in config.data.datasets.items():
     source = _source(name, component, config)
@@ -105,12 +107,13 @@ def components(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     elif cache is not None:
       _check_cached(name, source, cache)
       transform = features.CachedFeaturesTransform(tokenizer, cache, max_tokens=max_tokens,
-                                                   max_images=max_images, supervise=supervise)
+                                                   max_images=max_images, supervise=supervise,
+                                                   media_tokens=media_tokens)
     else:
       transform = pipeline.ExampleTransform(
           tokenizer, max_tokens=max_tokens, max_images=max_images, image_size=vision.image_size,
           mean=vision.image_mean, std=vision.image_std, mode=config.data.image_mode,
-          supervise=supervise)
+          supervise=supervise, media_tokens=media_tokens)
     result[name] = pipeline.Component(source, transform, batch_size=component.batch_size,
                                       weight=component.weight)
   return result
@@ -146,6 +149,9 @@ def open_feature_cache(config: ml_collections.ConfigDict) -> features.FeatureCac
   if config.stage != "flamingo":
     raise ValueError(f"config.data.feature_cache={path!r}: only the flamingo stage, whose vision "
                      f"tower is frozen, can read cached features; got stage {config.stage!r}")
+  if model_config.fusion_mode(config.model) == "joint":
+    raise ValueError(f"config.data.feature_cache={path!r}: joint fusion trains the vision tower, "
+                     "so it cannot read cached features; set config.data.feature_cache=''")
   try:
     cache = features.FeatureCache(path)
   except FileNotFoundError as e:

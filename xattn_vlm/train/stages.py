@@ -1,15 +1,16 @@
 """The three training stages of the miniature recipe, as data for the one trainer.
 
-A stage says which model to build, which parameters train (a Flax NNX filter: gradients, optimizer
-state and updates exist for these only), the loss of one (micro)batch and what it is normalised
+A stage says which model to build, which parameters train (a Flax NNX filter of the config:
+gradients, optimizer state and updates exist for these only), the loss of one (micro)batch and what it is normalised
 by, where pretrained parameters come from, and which model values to log.
 
 * ``lm_pretrain``: a ``DecoderLM`` on text; everything trains.
 * ``vision_pretrain``: a CLIP-style ``DualEncoder`` on image-text pairs, symmetric InfoNCE;
   everything trains.
-* ``flamingo``: the full model; the LM and vision tower come from the two earlier runs and stay
-  frozen; the resampler, gated blocks and added-token rows train. Or every parameter comes from a
-  flamingo-stage workdir (a converted published model, to fine-tune).
+* ``flamingo``: the full model; the LM and vision tower come from the two earlier runs, or every
+  parameter from a flamingo-stage workdir (a converted published model, to fine-tune); what
+  trains follows ``config.model.fusion`` (``models.flamingo.trainable_params``): by default the
+  resampler, gated blocks and added-token rows, the towers frozen.
 
 Token losses are *sums* over supervised tokens divided by the dataset batch's token count
 (``normalizer``, computed before the forward pass), so accumulating microbatches gives exactly the
@@ -56,12 +57,13 @@ class Pretrained:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One stage: ``loss_sum(model, batch)`` is divided by ``normalizer(batch)`` (the dataset
-  batch's, computed before any microbatch); ``splits_into_microbatches`` is False for a loss that
+  """One stage: ``trainable(config)`` is the filter of the parameters that train;
+  ``loss_sum(model, batch)`` is divided by ``normalizer(batch)`` (the dataset batch's, computed
+  before any microbatch); ``splits_into_microbatches`` is False for a loss that
   needs the whole batch at once; ``model_metrics(config, params)`` are logged every step."""
   name: str
   build_model: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
-  trainable: nnx.filterlib.Filter
+  trainable: Callable[[ml_collections.ConfigDict], nnx.filterlib.Filter]
   loss_sum: Callable[[nnx.Module, Batch], jax.Array]
   normalizer: Callable[[Batch], jax.Array]
   splits_into_microbatches: bool
@@ -82,6 +84,19 @@ def next_token_loss_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                         jnp.where(supervised, targets, 0))
   return jnp.sum(jnp.where(supervised, nll, 0.0))
+
+
+def first_supervised(labels: jax.Array) -> jax.Array:
+  """int32 [B]: each row's first supervised position (its length when it has none), the
+  boundary of a prefix LM trained on these labels."""
+  supervised = labels != IGNORE_INDEX
+  return jnp.where(supervised.any(axis=1), jnp.argmax(supervised, axis=1),
+                   labels.shape[1]).astype(jnp.int32)
+
+
+def _every_param(config) -> nnx.filterlib.Filter:
+  del config
+  return nnx.Param
 
 
 def supervised_tokens(batch: Batch) -> jax.Array:
@@ -126,7 +141,7 @@ def _lm_loss(model: DecoderLM, batch: Batch) -> jax.Array:
 LM_PRETRAIN = Stage(
     name="lm_pretrain",
     build_model=lambda config, rngs: DecoderLM(config.model.lm, rngs=rngs, **_dtypes(config)),
-    trainable=nnx.Param,
+    trainable=_every_param,
     loss_sum=_lm_loss,
     normalizer=supervised_tokens,
     splits_into_microbatches=True,
@@ -156,7 +171,7 @@ def _contrastive_metrics(config, params) -> dict[str, jax.Array]:
 VISION_PRETRAIN = Stage(
     name="vision_pretrain",
     build_model=_build_dual_encoder,
-    trainable=nnx.Param,
+    trainable=_every_param,
     loss_sum=_contrastive_loss,
     normalizer=lambda batch: jnp.ones((), jnp.float32),
     splits_into_microbatches=False,
@@ -168,12 +183,13 @@ VISION_PRETRAIN = Stage(
 # -- flamingo -------------------------------------------------------------------------------------
 
 def _flamingo_loss(model: flamingo_lib.Flamingo, batch: Batch) -> jax.Array:
+  prefix_end = first_supervised(batch["labels"])  # read by joint fusion's prefix-LM mask only
   if "features" in batch:  # a cache of the frozen tower's outputs (``data.features``)
     logits = model(None, batch["input_ids"], batch["attention_mask"],
-                   vision_features=batch["features"])
+                   vision_features=batch["features"], prefix_end=prefix_end)
   else:
     logits = model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                   media_mask=batch["media_mask"])
+                   media_mask=batch["media_mask"], prefix_end=prefix_end)
   return next_token_loss_sum(logits, batch["labels"])
 
 
@@ -238,7 +254,7 @@ def _gate_metrics(config, params) -> dict[str, jax.Array]:
 FLAMINGO = Stage(
     name="flamingo",
     build_model=lambda config, rngs: flamingo_lib.Flamingo(config.model, rngs=rngs),
-    trainable=flamingo_lib.trainable,
+    trainable=lambda config: flamingo_lib.trainable_params(config.model),
     loss_sum=_flamingo_loss,
     normalizer=supervised_tokens,
     splits_into_microbatches=True,

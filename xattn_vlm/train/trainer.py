@@ -122,11 +122,11 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
 
   model = nnx.eval_shape(lambda: stage.build_model(config, nnx.Rngs(config.seed)))
   graphdef, params = nnx.split(model, nnx.Param)
-  trainable = nnx.filter_state(params, stage.trainable)
+  trainable = nnx.filter_state(params, stage.trainable(config))
   params_sharding = sharding_lib.param_shardings(params, mesh, rules)
   opt_state = jax.eval_shape(tx.init, trainable)
   opt_sharding = sharding_lib.opt_state_shardings(
-      tx, opt_state, nnx.filter_state(params_sharding, stage.trainable), mesh)
+      tx, opt_state, nnx.filter_state(params_sharding, stage.trainable(config)), mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   replicated = NamedSharding(mesh, P())
   abstract_state = TrainState(step=scalar, params=params, opt_state=opt_state, skipped=scalar,
@@ -150,7 +150,7 @@ def create_train_state(s: Setup) -> TrainState:
     params = nnx.state(model, nnx.Param)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params,
-                      opt_state=s.tx.init(nnx.filter_state(params, s.stage.trainable)),
+                      opt_state=s.tx.init(nnx.filter_state(params, s.stage.trainable(s.config))),
                       skipped=zero, skipped_in_a_row=zero)
 
   state = jax.jit(init, out_shardings=s.state_sharding)()
@@ -205,7 +205,7 @@ def make_train_step(s: Setup, weights: Mapping[str, float]) -> Callable:
       return update(state, batches)
 
   def update(state: TrainState, batches):
-    trainable, frozen = nnx.split_state(state.params, stage.trainable, ...)
+    trainable, frozen = nnx.split_state(state.params, stage.trainable(config), ...)
 
     def loss_and_grad(micro):
       loss_sum = lambda p: stage.loss_sum(nnx.merge(graphdef, p, frozen), micro)
