@@ -54,6 +54,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("latents", None),
     ("media", None),
+    ("layers", None),
 )
 
 
