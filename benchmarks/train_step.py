@@ -21,7 +21,7 @@ On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over d
 that total over the one-device matmul peak (which already uses every core).
 
 COMMAND: python -m benchmarks.train_step --steps=10 --warmup=2
-(``--noreuse_freed_memory``: without ``train.host.reuse_freed_memory()``, which the trainer
+(``--scan_layers``: with ``config.model.scan_layers``. ``--noreuse_freed_memory``: without ``train.host.reuse_freed_memory()``, which the trainer
 calls too.)
 (``--devices=N`` measures N forced devices in this process; by default one subprocess runs each
 of 1 and 8.)
@@ -43,6 +43,8 @@ from xattn_vlm import cli
 _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and 8 in subprocesses")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "config.model.scan_layers: the LM's blocks under "
+                          "lax.scan")
 _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is taken)
 
 
@@ -59,6 +61,7 @@ def _measure(devices: int, steps: int, warmup: int) -> list[dict]:
 
   config = configs.base_config()
   config.model = model_config.bench_small()
+  config.model.scan_layers = _SCAN.value
   config.data.max_tokens = 128
   config.data.max_images = 1
   config.data.datasets = dict(bench=configs.dataset("shapes", batch_size=8, kind="caption"))
@@ -127,13 +130,13 @@ def benchmark() -> None:
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--devices={devices}",
                           f"--steps={steps}", f"--warmup={warmup}",
-                          f"--reuse_freed_memory={reuse}"],
+                          f"--reuse_freed_memory={reuse}", f"--scan_layers={_SCAN.value}"],
                          cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, check=True,
                          capture_output=True, text=True).stdout
     rows += json.loads(out.strip().splitlines()[-1])
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up; "
-        f"host.reuse_freed_memory: {reuse}")
+        f"host.reuse_freed_memory: {reuse}; scan_layers: {_SCAN.value}")
   print("| devices | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
         "MFU back-to-back | peak per-step TFLOP/s | peak back-to-back TFLOP/s (before, after) | "
         "load average |")
