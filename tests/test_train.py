@@ -94,6 +94,9 @@ def test_incompatible_workdir_fails_at_start(sharded_run):
   config.model.lm.num_layers = 3
   with pytest.raises(ValueError, match=r"different model.*config\.model\.lm\.num_layers: saved 2"):
     trainer.train(config, str(workdir))
+  config = tiny(**MESH_222, **SGD, **{"model.scan_layers": True})
+  with pytest.raises(ValueError, match=r"config\.model\.scan_layers: saved False, now True"):
+    trainer.train(config, str(workdir))
 
 
 def test_another_mixture_fails_at_start_and_keeps_the_checkpoints(sharded_run):
@@ -365,3 +368,13 @@ def test_scanned_layers_train_with_the_unrolled_loss_on_an_fsdp_mesh():
   scanned = _one_step(tiny(**mesh, **{"model.scan_layers": True}))
   np.testing.assert_allclose(scanned[:2], unrolled[:2], rtol=1e-5)
   assert "stablehlo.while" in scanned[2] and "stablehlo.while" not in unrolled[2]
+
+
+def test_a_checkpoint_saved_before_scan_layers_existed_is_unrolled():
+  current = checkpoint.config_json(tiny())
+  saved = checkpoint.config_json(tiny())
+  del saved["model"]["scan_layers"]
+  assert checkpoint.model_differences(saved, current) == []
+  current["model"]["scan_layers"] = True
+  assert checkpoint.model_differences(saved, current) == [
+      "config.model.scan_layers: saved False, now True"]
