@@ -56,6 +56,9 @@ def test_scanned_lm_equals_unrolled_in_logits_and_gradients():
     _assert_close(nnx.to_pure_dict(nnx.state(scanned.blocks, nnx.Param)),
                   _stacked(unrolled.blocks), f"{family} initial")
     ids = jnp.asarray(rng.integers(0, 64, (2, 12)), jnp.int32)
+    graphdef, state = nnx.split(scanned)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids))(state))
+    assert jaxpr.count("scan[") == 1  # every block in one scan
     weights = jnp.asarray(rng.normal(size=(2, 12, 64)), jnp.float32)
     for remat in ("none", "full"):
       value, grads = _lm_parameters_and_gradients(unrolled, ids, weights, remat)
@@ -111,6 +114,9 @@ def test_scanned_flamingo_with_a_remainder_group_equals_unrolled():
   ids[:, 5] = media
   images = jnp.asarray(rng.normal(size=(2, 2, 1, 16, 16, 3)), jnp.float32)
   weights = jnp.asarray(rng.normal(size=(2, 10, 98)), jnp.float32)
+  graphdef, state = nnx.split(models[True])
+  jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(images, jnp.asarray(ids)))(state))
+  assert jaxpr.count("scan[") == 3  # runs of 2, 3 and 2 LM blocks around the 2 gated blocks
   results = {}
   for scan, model in models.items():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -292,10 +292,13 @@ class DecoderLM(nnx.Module):
             for i in range(self.cfg.num_layers)]
 
   def _scan(self, h, positions, mask, bias, before_block, before_layers, run_block):
-    """The stacked blocks under ``lax.scan``, one scan per run of blocks between the layers
-    ``before_block`` acts on (all of them when ``before_layers`` is None)."""
+    """The stacked blocks under ``lax.scan``: one scan over all of them without
+    ``before_block``, else one per run of blocks between the layers it acts on (every layer
+    when ``before_layers`` is None)."""
     n = self.cfg.num_layers
-    starts = sorted(set(range(n) if before_layers is None else before_layers) | {0})
+    starts = [0]
+    if before_block is not None:
+      starts = sorted(set(range(n) if before_layers is None else before_layers) | {0})
     graphdef, state = nnx.split(self.blocks)
 
     def body(h, layer_state):
