@@ -21,7 +21,7 @@ On CPU the 8 forced devices share the same cores, so TFLOP/s is the total over d
 that total over the one-device matmul peak (which already uses every core).
 
 COMMAND: python -m benchmarks.train_step --steps=10 --warmup=2
-(``--noreuse_freed_memory``: without ``train.host.reuse_freed_memory()``, which the trainer
+(``--scan_layers``: with ``config.model.scan_layers``. ``--noreuse_freed_memory``: without ``train.host.reuse_freed_memory()``, which the trainer
 calls too.)
 (``--devices=N`` measures N forced devices in this process; by default one subprocess runs each
 of 1 and 8.)
@@ -45,6 +45,8 @@ _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _ATTENTION = flags.DEFINE_list("attention", ["auto"], "config.model.attention values to measure")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "config.model.scan_layers: the LM's blocks under "
+                          "lax.scan")
 _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is taken)
 
 
@@ -62,6 +64,7 @@ def _measure(devices: int, steps: int, warmup: int, attention: str) -> list[dict
   config = configs.base_config()
   config.model = model_config.bench_small()
   config.model.attention = attention
+  config.model.scan_layers = _SCAN.value
   config.data.max_tokens = 128
   config.data.max_images = 1
   config.data.datasets = dict(bench=configs.dataset("shapes", batch_size=8, kind="caption"))
@@ -132,13 +135,14 @@ def benchmark() -> None:
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--devices={devices}",
                           f"--steps={steps}", f"--warmup={warmup}",
                           f"--reuse_freed_memory={reuse}",
-                          f"--attention={','.join(_ATTENTION.value)}"],
+                          f"--attention={','.join(_ATTENTION.value)}",
+                          f"--scan_layers={_SCAN.value}"],
                          cwd=pathlib.Path(__file__).resolve().parent.parent, env=env, check=True,
                          capture_output=True, text=True).stdout
     rows += json.loads(out.strip().splitlines()[-1])
   print(f"bench-small Flamingo train step: batch 8 x 128 tokens, one 64x64 image each, AdamW, "
         f"float32; median of {steps} steps after {warmup} warm-up; "
-        f"host.reuse_freed_memory: {reuse}")
+        f"host.reuse_freed_memory: {reuse}; scan_layers: {_SCAN.value}")
   print("| devices | attention | media | step s | compile s | tokens/s | model TFLOP/s | MFU per-step | "
         "MFU back-to-back | peak per-step TFLOP/s | peak back-to-back TFLOP/s (before, after) | "
         "load average |")

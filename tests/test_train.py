@@ -94,6 +94,9 @@ def test_incompatible_workdir_fails_at_start(sharded_run):
   config.model.lm.num_layers = 3
   with pytest.raises(ValueError, match=r"different model.*config\.model\.lm\.num_layers: saved 2"):
     trainer.train(config, str(workdir))
+  config = tiny(**MESH_222, **SGD, **{"model.scan_layers": True})
+  with pytest.raises(ValueError, match=r"config\.model\.scan_layers: saved False, now True"):
+    trainer.train(config, str(workdir))
 
 
 def test_another_mixture_fails_at_start_and_keeps_the_checkpoints(sharded_run):
@@ -355,3 +358,23 @@ def test_activation_constraints_keep_the_loss_of_one_device():
   # The LM's attention [B, L, H, Dh] and MLP [B, L, mlp] with heads and mlp over tensor.
   assert '<@mesh, [{"fsdp"}, {}, {"tensor"}, {}]> : tensor<8x32x2x8xf32>' in mixed[2]
   assert '<@mesh, [{"fsdp"}, {}, {"tensor"}]> : tensor<8x32x64xf32>' in mixed[2]
+
+
+def test_scanned_layers_train_with_the_unrolled_loss_on_an_fsdp_mesh():
+  """The trainer's step with ``model.scan_layers`` (the LM's blocks stacked, their ``layers``
+  axis unsharded, ``embed`` still over fsdp) gives the unrolled step's loss and gradient norm."""
+  mesh = {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1}
+  unrolled = _one_step(tiny(**mesh))
+  scanned = _one_step(tiny(**mesh, **{"model.scan_layers": True}))
+  np.testing.assert_allclose(scanned[:2], unrolled[:2], rtol=1e-5)
+  assert "stablehlo.while" in scanned[2] and "stablehlo.while" not in unrolled[2]
+
+
+def test_a_checkpoint_saved_before_scan_layers_existed_is_unrolled():
+  current = checkpoint.config_json(tiny())
+  saved = checkpoint.config_json(tiny())
+  del saved["model"]["scan_layers"]
+  assert checkpoint.model_differences(saved, current) == []
+  current["model"]["scan_layers"] = True
+  assert checkpoint.model_differences(saved, current) == [
+      "config.model.scan_layers: saved False, now True"]

@@ -42,8 +42,10 @@ MODEL_FIELDS = {
     "lm_pretrain": ("model.lm", "model.param_dtype"),
     "vision_pretrain": ("model.vision", "model.param_dtype", "contrastive"),
     "flamingo": ("model.lm", "model.vision", "model.resampler", "model.xattn",
-                 "model.added_tokens", "model.param_dtype"),
+                 "model.added_tokens", "model.param_dtype", "model.scan_layers"),
 }
+# Fields added after checkpoints were written without them: the value those checkpoints meant.
+SAVED_DEFAULTS = {"model.scan_layers": False}
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -72,8 +74,12 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
   parameters and differs (the stage first)."""
   if saved.get("stage") != current["stage"]:
     return [f"config.stage: saved {saved.get('stage')!r}, now {current['stage']!r}"]
+  def field(tree, name):
+    value = get_field(tree, name)
+    return SAVED_DEFAULTS.get(name) if value is None else value
+
   return [d for f in MODEL_FIELDS[current["stage"]]
-          for d in differences(get_field(saved, f), get_field(current, f), f"config.{f}")]
+          for d in differences(field(saved, f), field(current, f), f"config.{f}")]
 
 
 def abstract_with_shardings(abstract, shardings):

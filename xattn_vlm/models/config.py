@@ -151,20 +151,22 @@ def xattn_config(*, every_n_layers: int = 1, num_heads: int = 8, head_dim: int =
 def flamingo_config(*, lm, vision, resampler, xattn,
                     added_tokens: Sequence[str] = special_tokens.DEFAULT_ADDED_TOKENS,
                     dtype: str = "float32", param_dtype: str = "float32",
-                    remat: str = "none", attention: str = "auto",
-                    fusion: str = "xattn") -> ml_collections.ConfigDict:
+                    remat: str = "none", attention: str = "auto", fusion: str = "xattn",
+                    scan_layers: bool = False) -> ml_collections.ConfigDict:
   """The whole model. ``added_tokens`` are the special tokens after the LM vocabulary, in id
   order: token k has id ``lm.vocab_size + k`` (new models: ``<image>``, ``<|endofchunk|>``;
   OpenFlamingo's checkpoints the reverse; IDEFICS ``<fake_token_around_image>``, ``<image>``).
   Their input and output rows train, the LM vocabulary stays frozen. ``remat`` names what each
   block keeps for the backward pass (``models.remat.NAMES``); ``attention`` which attention code
   every tower runs (``auto``, ``fused`` or ``explicit``: ``models.layers.attend``); ``fusion``
-  how the LM sees the images (``FUSION_MODES``)."""
+  how the LM sees the images (``FUSION_MODES``); ``scan_layers`` stacks the LM's blocks and runs
+  them under ``lax.scan`` (``lm.DecoderLM``)."""
   added_tokens = tuple(added_tokens)
   special_tokens.added_token_ids(lm.vocab_size, added_tokens)  # checks the list
   config = ml_collections.ConfigDict(dict(
       lm=lm, vision=vision, resampler=resampler, xattn=xattn, added_tokens=added_tokens,
       dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, fusion=fusion,
+      scan_layers=scan_layers,
   ))
   fusion_mode(config)
   return config

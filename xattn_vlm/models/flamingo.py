@@ -114,7 +114,9 @@ class Flamingo(nnx.Module):
     self.vision = VisionEncoder(vis_cfg, remat=config.remat, attention=config.attention, **kw)
     self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width,
                                         attention=config.attention, **kw)
-    self.lm = DecoderLM(lm_cfg, remat=config.remat, attention=config.attention, **kw)
+    # .get: the configs saved with checkpoints before scan_layers existed lack it.
+    self.lm = DecoderLM(lm_cfg, remat=config.remat, attention=config.attention,
+                        scan_layers=config.get("scan_layers", False), **kw)
     dim_visual = config.resampler.width or vis_cfg.width
     self.gated_layers = tuple(gated_layers(config))
     self.gated_blocks = nnx.List([
@@ -205,7 +207,8 @@ class Flamingo(nnx.Module):
       return run_block(self.gated_blocks[slot[i]], h, media_kv[slot[i]], xattn_mask)
 
     return self.lm.forward_embeddings(x, positions, attention_mask, cache=cache,
-                                      before_block=before_block, prefix_end=prefix_end)
+                                      before_block=before_block, before_layers=self.gated_layers,
+                                      prefix_end=prefix_end)
 
   def _media_index(self, input_ids: jax.Array) -> jax.Array:
     return media_locations(input_ids, self.media_token_id,

@@ -13,7 +13,7 @@ is a function of the slots, padding included, exactly as in its reference code.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +151,24 @@ class DecoderBlock(nnx.Module):
     return layers.constrain(x, layers.batch_axes(x)), kv
 
 
+def stack_blocks(blocks: Sequence[DecoderBlock]) -> DecoderBlock:
+  """One block whose parameters hold every block's, stacked along a leading ``layers`` axis
+  (MaxText's scanned layout; the same values as the blocks one by one)."""
+  graphdef = nnx.split(blocks[0])[0]
+  states = [nnx.split(block)[1] for block in blocks]
+
+  def stack(*variables):
+    first = variables[0]
+    axes = first.get_metadata().get("out_sharding")
+    stacked = first.replace(jnp.stack([v.get_value() for v in variables]))
+    if axes:
+      stacked.set_metadata(out_sharding=("layers", *axes))
+    return stacked
+
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=is_variable))
+
+
 def make_norm(cfg: ml_collections.ConfigDict, **kw) -> layers.LayerNorm | layers.RMSNorm:
   """The family's norm over ``embed_dim``: RMSNorm (LLaMA), LayerNorm without bias (MPT) or with."""
   if cfg.family == "llama":
@@ -168,10 +186,16 @@ class DecoderLM(nnx.Module):
   full-width q/k LayerNorm.
   ``gpt_neox``: rotary over ``rotary_fraction`` of each head, LayerNorm and biases everywhere,
   GELU, optional parallel residual, untied head.
+
+  ``scan_layers``: the blocks' parameters are stacked along a leading ``layers`` axis (the same
+  initial values) and the forward without a cache runs them under ``lax.scan``, so a deep LM
+  traces and compiles one block instead of all; decoding with a cache slices them one by one.
+  Hugging Face, OpenFlamingo and IDEFICS imports fill the unrolled layout only.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto"):
+               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto",
+               scan_layers: bool = False):
     if cfg.family not in LM_FAMILIES:
       raise ValueError(f"cfg.family must be one of {LM_FAMILIES}, got {cfg.family!r}")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -184,8 +208,9 @@ class DecoderLM(nnx.Module):
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, **kw)
     self.position_embed = (layers.Embed(cfg.max_length, cfg.embed_dim, axes=(None, "embed"), **kw)
                            if cfg.family == "gpt2" else None)
-    self.blocks = nnx.List([DecoderBlock(cfg, attention=attention, **kw)
-                            for _ in range(cfg.num_layers)])
+    blocks = [DecoderBlock(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)]
+    self.scan_layers = scan_layers
+    self.blocks = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
     self.final_norm = make_norm(cfg, **kw)
     self.alibi_bias_max = cfg.alibi_bias_max if cfg.family == "mpt" else None
     self.lm_head = (None if cfg.tie_word_embeddings else
@@ -202,6 +227,7 @@ class DecoderLM(nnx.Module):
   def forward_embeddings(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                          cache: LMCache | None = None,
                          before_block: Callable[[int, jax.Array], jax.Array] | None = None,
+                         before_layers: Sequence[int] | None = None,
                          prefix_end: jax.Array | None = None,
                          ) -> tuple[jax.Array, LMCache | None]:
     """Runs the layers over token embeddings.
@@ -215,6 +241,8 @@ class DecoderLM(nnx.Module):
         keeps ``cache.index + L <= cache.max_length``: under jit it cannot be checked, and a write
         past the end would be clamped onto the last slots.
       before_block: ``(i, h) -> h`` applied right before block i (Flamingo's gated blocks).
+      before_layers: the blocks ``before_block`` acts on (None: any); a scanned LM scans the
+        runs of blocks between them.
       prefix_end: int [B] or None; a prefix LM's boundary in slots (``causal_mask``).
 
     Returns:
@@ -250,8 +278,11 @@ class DecoderLM(nnx.Module):
     if self.position_embed is not None:
       h = h + self.position_embed(positions)
     run_block = remat_lib.rematerialise(DecoderBlock.__call__, self.remat)
+    if self.scan_layers and cache is None:
+      return self.final_norm(self._scan(h, positions, mask, bias, before_block,
+                                        before_layers, run_block)), None
     new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
+    for i, block in enumerate(self._unstacked()):
       if before_block is not None:
         h = before_block(i, layers.materialize_gradient(h))
       kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -263,6 +294,36 @@ class DecoderLM(nnx.Module):
     if cache is None:
       return h, None
     return h, LMCache(k=tuple(new_k), v=tuple(new_v), key_valid=key_valid, index=index + l)
+
+  def _unstacked(self) -> Sequence[DecoderBlock]:
+    """The blocks one by one (a scanned LM's sliced from the stack: decoding with a cache)."""
+    if not self.scan_layers:
+      return self.blocks
+    graphdef, state = nnx.split(self.blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+            for i in range(self.cfg.num_layers)]
+
+  def _scan(self, h, positions, mask, bias, before_block, before_layers, run_block):
+    """The stacked blocks under ``lax.scan``: one scan over all of them without
+    ``before_block``, else one per run of blocks between the layers it acts on (every layer
+    when ``before_layers`` is None)."""
+    n = self.cfg.num_layers
+    starts = [0]
+    if before_block is not None:
+      starts = sorted(set(range(n) if before_layers is None else before_layers) | {0})
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(h, layer_state):
+      block = nnx.merge(graphdef, layer_state)
+      h, _ = run_block(block, layers.materialize_gradient(h), positions, mask, None, 0, bias)
+      return h, None
+
+    for start, end in zip(starts, starts[1:] + [n]):
+      if before_block is not None:
+        h = before_block(start, layers.materialize_gradient(h))
+      segment = jax.tree.map(lambda x, a=start, b=end: x[a:b], state)
+      h, _ = jax.lax.scan(body, h, segment)
+    return h
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Next-token logits [B, L, vocab_size] in float32, through the tied table or ``lm_head``."""

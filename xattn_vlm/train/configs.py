@@ -55,6 +55,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("latents", None),
     ("media", None),
+    ("layers", None),
 )
 
 
