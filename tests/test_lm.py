@@ -116,7 +116,8 @@ def test_logits_match_hugging_face_on_a_padded_batch(hf, name, attention):
   theirs = _hf_logits(model, ids, mask, positions)
   real = mask.astype(bool)
   assert np.abs(theirs[real]).max() > 1.0  # not a vacuous comparison
-  np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+  # Float32 sums come out differently on different CPUs: 1.3e-5 apart on one host for mistral.
+  np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-5, atol=3e-5)
 
 
 def test_config_mapping(hf):
