@@ -34,7 +34,7 @@ import transformers
 
 import reference_models as ref
 import xattn_vlm
-from xattn_vlm import convert
+from xattn_vlm.inference import loading
 from xattn_vlm.eval import runner
 
 pytestmark = pytest.mark.slow
@@ -214,7 +214,7 @@ def theirs_and_ours(tmp_path_factory, monkeypatch_module):
   reference = ref.openflamingo("mpt1b", root / "reference")
   _write_tokenizer(reference.lm)
   converted = root / "converted"
-  convert.convert("openflamingo", str(reference.checkpoint), str(converted),
+  loading.convert("openflamingo", str(reference.checkpoint), str(converted),
                   lm=str(reference.lm), vision=str(reference.vision), preset="openflamingo_3b",
                   changes={"lm.vocab_size": ref.TOKENIZER_VOCAB, "dtype": "float32",
                            "resampler.depth": ref.PERCEIVER_DEPTH})

@@ -25,22 +25,16 @@ memory-mapped), so the host holds the weights once.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from absl import flags
 from ml_collections import config_flags
-import ml_collections
 
-from xattn_vlm import checkpoint
 from xattn_vlm import cli
 from xattn_vlm import console
 from xattn_vlm.inference import loading
 from xattn_vlm.models import config as model_config
 
-FORMATS = ("openflamingo", "idefics")
-_IDEFICS_FIELDS = ("dtype", "param_dtype")
-
-flags.DEFINE_enum("from", None, FORMATS, "The published checkpoint's format.")
+flags.DEFINE_enum("from", None, loading.FORMATS, "The published checkpoint's format.")
 flags.DEFINE_string("checkpoint", None, "OpenFlamingo's checkpoint.pt, or the IDEFICS folder.")
 flags.DEFINE_string("lm", None, "OpenFlamingo: the base LM's Hugging Face folder.")
 flags.DEFINE_string("vision", None, "OpenFlamingo: the CLIP ViT-L/14 Hugging Face folder.")
@@ -61,52 +55,14 @@ def _changes() -> dict:
   return dict(FLAGS["model"].override_values)
 
 
-def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = None,
-            vision: str | None = None, preset: str | None = None, tokenizer: str | None = None,
-            changes: dict | None = None) -> None:
-  """Imports the published files of ``source`` (``FORMATS``) and writes them to ``output`` (see
-  the module docstring; the arguments are its flags, ``changes`` the ``--model.*`` ones)."""
-  changes = changes or {}
-  checkpoint.require_new_directory(output)
-  for flag, path in (("--checkpoint", checkpoint_path), ("--lm", lm), ("--vision", vision),
-                     ("--tokenizer", tokenizer)):
-    if path is not None and not os.path.exists(path):
-      raise FileNotFoundError(f"{flag}={path!r} does not exist")
-  openflamingo_only = {"--lm": lm, "--vision": vision, "--preset": preset}
-  if source == "openflamingo":
-    missing = [name for name, value in openflamingo_only.items() if value is None]
-    if missing:
-      raise ValueError(f"--from=openflamingo needs {', '.join(missing)} too")
-    config = model_config.get_model_config(preset)
-    config.update_from_flattened_dict(changes)
-    model, config, loaded = loading.import_openflamingo(checkpoint_path, lm, vision, config,
-                                                        tokenizer)
-  else:
-    given = [name for name, value in openflamingo_only.items() if value is not None]
-    other = sorted(set(changes) - set(_IDEFICS_FIELDS))
-    if given or other:
-      raise ValueError(f"--from=idefics takes the settings from the folder: "
-                       f"{given + [f'--model.{k}' for k in other]} apply to --from=openflamingo "
-                       f"only (IDEFICS takes --model.{' and --model.'.join(_IDEFICS_FIELDS)})")
-    model, config, loaded = loading.import_idefics(checkpoint_path, tokenizer, **changes)
-  origin = {"format": source, "checkpoint": os.path.abspath(checkpoint_path)}
-  for name, value in (("lm", lm), ("vision", vision), ("preset", preset),
-                      ("tokenizer", tokenizer)):
-    if value is not None:
-      origin[name] = value if name == "preset" else os.path.abspath(value)
-  saved = ml_collections.ConfigDict(dict(stage="flamingo", model=config,
-                                         converted_from=origin))
-  checkpoint.save_flamingo(output, model, saved, loaded)
-
-
 def main() -> None:
   def job():
     if FLAGS["from"].value == "openflamingo" and importlib.util.find_spec("torch") is None:
       cli.fail("convert", "reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
                "pip install 'xattn_vlm[convert]'")
-    convert(FLAGS["from"].value, FLAGS.checkpoint, FLAGS.output, lm=FLAGS.lm,
-            vision=FLAGS.vision, preset=FLAGS.preset, tokenizer=FLAGS.tokenizer,
-            changes=_changes())
+    loading.convert(FLAGS["from"].value, FLAGS.checkpoint, FLAGS.output, lm=FLAGS.lm,
+                    vision=FLAGS.vision, preset=FLAGS.preset, tokenizer=FLAGS.tokenizer,
+                    changes=_changes())
     console.say(f"wrote {FLAGS.output}: python -m xattn_vlm.prompt --checkpoint={FLAGS.output} "
                 "--image=... --text=...")
 

@@ -24,6 +24,8 @@ from xattn_vlm.models import pretrained
 from xattn_vlm.models.flamingo import Flamingo
 
 PathLike = str | os.PathLike
+FORMATS = ("openflamingo", "idefics")  # what ``convert`` reads
+_IDEFICS_FIELDS = ("dtype", "param_dtype")
 # Files of a Hugging Face tokenizer folder (one is enough for AutoTokenizer).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -137,3 +139,42 @@ def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
       raise ValueError(f"path={str(path)!r} holds neither {checkpoint.CHECKPOINTS}/ (a converted "
                        "model or a training run) nor config.json (an IDEFICS folder)")
   return model, Processor.from_model_config(model.config, loaded, image_mode=image_mode), loaded
+
+
+def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = None,
+            vision: str | None = None, preset: str | None = None, tokenizer: str | None = None,
+            changes: dict | None = None) -> None:
+  """Imports the published files of ``source`` (``FORMATS``) and writes them to ``output`` (the
+  command ``python -m xattn_vlm.convert``, whose flags the arguments are: ``changes`` are the
+  ``--model.*`` ones)."""
+  changes = changes or {}
+  checkpoint.require_new_directory(output)
+  for flag, path in (("--checkpoint", checkpoint_path), ("--lm", lm), ("--vision", vision),
+                     ("--tokenizer", tokenizer)):
+    if path is not None and not os.path.exists(path):
+      raise FileNotFoundError(f"{flag}={path!r} does not exist")
+  openflamingo_only = {"--lm": lm, "--vision": vision, "--preset": preset}
+  if source == "openflamingo":
+    missing = [name for name, value in openflamingo_only.items() if value is None]
+    if missing:
+      raise ValueError(f"--from=openflamingo needs {', '.join(missing)} too")
+    config = model_config.get_model_config(preset)
+    config.update_from_flattened_dict(changes)
+    model, config, loaded = loading.import_openflamingo(checkpoint_path, lm, vision, config,
+                                                        tokenizer)
+  else:
+    given = [name for name, value in openflamingo_only.items() if value is not None]
+    other = sorted(set(changes) - set(_IDEFICS_FIELDS))
+    if given or other:
+      raise ValueError(f"--from=idefics takes the settings from the folder: "
+                       f"{given + [f'--model.{k}' for k in other]} apply to --from=openflamingo "
+                       f"only (IDEFICS takes --model.{' and --model.'.join(_IDEFICS_FIELDS)})")
+    model, config, loaded = loading.import_idefics(checkpoint_path, tokenizer, **changes)
+  origin = {"format": source, "checkpoint": os.path.abspath(checkpoint_path)}
+  for name, value in (("lm", lm), ("vision", vision), ("preset", preset),
+                      ("tokenizer", tokenizer)):
+    if value is not None:
+      origin[name] = value if name == "preset" else os.path.abspath(value)
+  saved = ml_collections.ConfigDict(dict(stage="flamingo", model=config,
+                                         converted_from=origin))
+  checkpoint.save_flamingo(output, model, saved, loaded)
