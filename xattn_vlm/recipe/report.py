@@ -391,7 +391,7 @@ def write_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   reliance = {seed: summaries[seed]["image_reliance"] for seed in seeds}
   majority = majority_baseline(config)
   ceiling = ({seed: {int(k): v for k, v in summaries[seed]["binding_text"].items()}
-              for seed in seeds} if all("binding_text" in summaries[s] for s in seeds) else None)
+              for seed in seeds} if all(summaries[s].get("binding_text") for s in seeds) else None)
   checks = targets(per_seed, reliance, majority["accuracy"], shots,
                    rising=tuple(config.get("rising_tasks", ())), ceiling=ceiling)
   columns = [(task, title, s) for task, title in SEED_COLUMNS if task in per_seed[seeds[0]]
