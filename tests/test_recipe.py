@@ -128,16 +128,13 @@ def test_recipe_batches_have_each_datasets_own_shapes():
   iterator = input_pipeline.create_iterator(flamingo)
   batches = next(iterator)
   iterator.close()
-  assert batches["vqa"]["input_ids"].shape == (96, 24)
+  assert batches["vqa"]["input_ids"].shape == (128, 24)
   assert batches["vqa"]["images"].shape[1] == 1
   # Every question fits, and only its answer and <|endofchunk|> are supervised.
   assert (batches["vqa"]["attention_mask"][:, -1] == 0).all()
   np.testing.assert_array_equal((batches["vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
-  # Few-shot episodes at the evaluation's context and image count, the answer alone supervised.
-  assert batches["fewshot_captions"]["input_ids"].shape == (8, 384)
-  assert batches["fewshot_vqa"]["images"].shape[1] == 9
-  np.testing.assert_array_equal(
-      (batches["fewshot_vqa"]["labels"] != IGNORE_INDEX).sum(axis=1), 2)
+  assert batches["documents"]["input_ids"].shape == (8, 192)
+  assert batches["documents"]["images"].shape[1] == 5
 
   lm = shapes_tiny("lm_pretrain")
   iterator = input_pipeline.create_iterator(lm)
