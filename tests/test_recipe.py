@@ -47,7 +47,7 @@ def test_smoke_recipe_beats_the_untrained_model_on_vqa(tmp_path):
                                            summary["results"]["shapes_vqa"].items()}
   # The ablation runs and is reported; at this scale the model does not read its images yet
   # (80 steps: the swap changed the answer NLL by -0.0001 nats; 250: +0.03; the full recipe's
-  # 500 steps: +0.2, against the report's 0.1), so image use is judged by the full recipe's report.
+  # 500 steps: +0.2, against the report's 0.1), so the full recipe's report judges image use.
   reliance = summary["image_reliance"]
   assert reliance["questions"] > 0 and np.isfinite([reliance["own_nll"],
                                                     reliance["swapped_nll"]]).all()
