@@ -96,6 +96,12 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "vqa": PromptTemplate(
         f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK}", "answer",
         separator="\n"),
+    # The shapes world's tasks read as its training documents do: each <|endofchunk|> is followed
+    # by the next image, with no newline between (the training layout has no text there).
+    "shapes_captioning": PromptTemplate(f"{IMAGE_TOKEN}Output:{{caption}}{END_OF_CHUNK}",
+                                        "caption"),
+    "shapes_vqa": PromptTemplate(
+        f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK}", "answer"),
     "imagenet": PromptTemplate(f"{IMAGE_TOKEN}Output:{{label}}{END_OF_CHUNK}", "label"),
     "hateful_memes": PromptTemplate(
         f"{IMAGE_TOKEN}is an image with: '{{ocr}}' written on it. Is it hateful? "

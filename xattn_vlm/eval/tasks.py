@@ -109,12 +109,13 @@ def _strip(text: str) -> str:
   return text.strip()
 
 
-def _captioning(name: str) -> Task:
-  return Task(name, "captioning", "captioning", _no_fields, _first_caption, 20, _strip, "CIDEr")
+def _captioning(name: str, template: str = "captioning") -> Task:
+  return Task(name, "captioning", template, _no_fields, _first_caption, 20, _strip, "CIDEr")
 
 
-def _vqa(name: str, postprocess=metrics.postprocess_vqa_generation) -> Task:
-  return Task(name, "vqa", "vqa", _question, _first_answer, 5, postprocess, "VQA accuracy")
+def _vqa(name: str, postprocess=metrics.postprocess_vqa_generation, template: str = "vqa"
+         ) -> Task:
+  return Task(name, "vqa", template, _question, _first_answer, 5, postprocess, "VQA accuracy")
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
@@ -128,8 +129,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          "ROC-AUC"),
     Task("imagenet", "classification", "imagenet", _no_fields, _class_name, 0, _strip,
          "top-1 accuracy"),
-    _captioning("shapes_captioning"),
-    _vqa("shapes_vqa"),
+    _captioning("shapes_captioning", template="shapes_captioning"),
+    _vqa("shapes_vqa", template="shapes_vqa"),
     Task("shapes_binding", "binding", "shapes_binding", _no_fields, _name, 5, binding_answer,
          "accuracy (exact name)"),
 )}

@@ -160,8 +160,7 @@ def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = 
       raise ValueError(f"--from=openflamingo needs {', '.join(missing)} too")
     config = model_config.get_model_config(preset)
     config.update_from_flattened_dict(changes)
-    model, config, loaded = loading.import_openflamingo(checkpoint_path, lm, vision, config,
-                                                        tokenizer)
+    model, config, loaded = import_openflamingo(checkpoint_path, lm, vision, config, tokenizer)
   else:
     given = [name for name, value in openflamingo_only.items() if value is not None]
     other = sorted(set(changes) - set(_IDEFICS_FIELDS))
@@ -169,7 +168,7 @@ def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = 
       raise ValueError(f"--from=idefics takes the settings from the folder: "
                        f"{given + [f'--model.{k}' for k in other]} apply to --from=openflamingo "
                        f"only (IDEFICS takes --model.{' and --model.'.join(_IDEFICS_FIELDS)})")
-    model, config, loaded = loading.import_idefics(checkpoint_path, tokenizer, **changes)
+    model, config, loaded = import_idefics(checkpoint_path, tokenizer, **changes)
   origin = {"format": source, "checkpoint": os.path.abspath(checkpoint_path)}
   for name, value in (("lm", lm), ("vision", vision), ("preset", preset),
                       ("tokenizer", tokenizer)):

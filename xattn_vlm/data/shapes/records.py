@@ -61,9 +61,9 @@ class ShapesWorld(RecordSource):
 
 # Few-shot kind -> (the world's generator, the evaluation's template, the item's template fields).
 FEWSHOT_TEMPLATES = {
-    "fewshot_vqa": ("vqa", "vqa", lambda item: {"question": item["question"],
+    "fewshot_vqa": ("vqa", "shapes_vqa", lambda item: {"question": item["question"],
                                                 "answer": item["answer"]}),
-    "fewshot_caption": ("caption", "captioning", lambda item: {"caption": item["caption"]}),
+    "fewshot_caption": ("caption", "shapes_captioning", lambda item: {"caption": item["caption"]}),
 }
 
 
