@@ -2,7 +2,6 @@
 few-shot evaluation and the report; the trained model must beat the untrained one (gates at 0:
 the frozen LM alone) on shapes-world VQA."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+from helpers import experiment_config
 from xattn_vlm import recipe
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.recipe import diagnostics
@@ -21,15 +21,9 @@ from xattn_vlm.train import sharding
 from xattn_vlm.train import configs
 from xattn_vlm.train import trainer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
 
 def shapes_tiny(preset: str):
-  spec = importlib.util.spec_from_file_location(
-      "shapes_tiny", REPO / "experiments" / "shapes_tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return experiment_config("shapes_tiny", preset)
 
 
 @pytest.mark.slow

