@@ -84,7 +84,7 @@ def test_bad_input_is_one_line_and_verbosity_shows_the_traceback(tmp_path):
   assert no_checkpoint.returncode == 2
   assert no_checkpoint.stderr.splitlines() == [
       f"xattn-evaluate: error: --checkpoint={str(tmp_path)!r} holds no checkpoint: give the "
-      "workdir of a flamingo-stage training run"]
+      "workdir of a flamingo-stage training run or a converted model"]
 
 
 def test_console_is_quiet_and_the_log_file_has_the_details(tmp_path):
