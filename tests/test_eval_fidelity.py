@@ -214,10 +214,11 @@ def theirs_and_ours(tmp_path_factory, monkeypatch_module):
   reference = ref.openflamingo("mpt1b", root / "reference")
   _write_tokenizer(reference.lm)
   converted = root / "converted"
-  loading.convert("openflamingo", str(reference.checkpoint), str(converted),
-                  lm=str(reference.lm), vision=str(reference.vision), preset="openflamingo_3b",
-                  changes={"lm.vocab_size": ref.TOKENIZER_VOCAB, "dtype": "float32",
-                           "resampler.depth": ref.PERCEIVER_DEPTH})
+  loading.convert_published(
+      "openflamingo", str(reference.checkpoint), str(converted), lm=str(reference.lm),
+      vision=str(reference.vision), preset="openflamingo_3b",
+      changes={"lm.vocab_size": ref.TOKENIZER_VOCAB, "dtype": "float32",
+               "resampler.depth": ref.PERCEIVER_DEPTH})
   model, processor, _ = xattn_vlm.from_pretrained(converted)
   data = root / "data"
   _write_data(data)

@@ -60,9 +60,9 @@ def main() -> None:
     if FLAGS["from"].value == "openflamingo" and importlib.util.find_spec("torch") is None:
       cli.fail("convert", "reading OpenFlamingo's checkpoint.pt (a torch pickle) needs torch: "
                "pip install 'xattn_vlm[convert]'")
-    loading.convert(FLAGS["from"].value, FLAGS.checkpoint, FLAGS.output, lm=FLAGS.lm,
-                    vision=FLAGS.vision, preset=FLAGS.preset, tokenizer=FLAGS.tokenizer,
-                    changes=_changes())
+    loading.convert_published(FLAGS["from"].value, FLAGS.checkpoint, FLAGS.output,
+                              lm=FLAGS.lm, vision=FLAGS.vision, preset=FLAGS.preset,
+                              tokenizer=FLAGS.tokenizer, changes=_changes())
     console.say(f"wrote {FLAGS.output}: python -m xattn_vlm.prompt --checkpoint={FLAGS.output} "
                 "--image=... --text=...")
 

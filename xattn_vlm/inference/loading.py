@@ -24,7 +24,7 @@ from xattn_vlm.models import pretrained
 from xattn_vlm.models.flamingo import Flamingo
 
 PathLike = str | os.PathLike
-FORMATS = ("openflamingo", "idefics")  # what ``convert`` reads
+FORMATS = ("openflamingo", "idefics")  # what ``convert_published`` reads
 _IDEFICS_FIELDS = ("dtype", "param_dtype")
 # Files of a Hugging Face tokenizer folder (one is enough for AutoTokenizer).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -141,9 +141,10 @@ def from_pretrained(path: PathLike, *, lm: PathLike | None = None,
   return model, Processor.from_model_config(model.config, loaded, image_mode=image_mode), loaded
 
 
-def convert(source: str, checkpoint_path: str, output: str, *, lm: str | None = None,
-            vision: str | None = None, preset: str | None = None, tokenizer: str | None = None,
-            changes: dict | None = None) -> None:
+def convert_published(source: str, checkpoint_path: str, output: str, *,
+                      lm: str | None = None, vision: str | None = None,
+                      preset: str | None = None, tokenizer: str | None = None,
+                      changes: dict | None = None) -> None:
   """Imports the published files of ``source`` (``FORMATS``) and writes them to ``output`` (the
   command ``python -m xattn_vlm.convert``, whose flags the arguments are: ``changes`` are the
   ``--model.*`` ones)."""
