@@ -42,7 +42,7 @@ NEW_TOKENS = 20
 TINY = {"lm.vocab_size": ref.TOKENIZER_VOCAB, "dtype": "float32",
         "resampler.depth": ref.PERCEIVER_DEPTH}
 PRESETS = {"mpt1b": "openflamingo_3b", "v1_llama": "openflamingo_9b_v1",
-           "mpt7b": "openflamingo_9b"}
+           "mpt7b": "openflamingo_9b", "rpj3b": "openflamingo_4b"}
 
 
 def write_tokenizer(folder, words=()):
@@ -85,9 +85,9 @@ def converted(tmp_path_factory):
   torch.set_num_threads(1)
   root = tmp_path_factory.mktemp("convert")
   references, commands = {}, []
-  for variant in ("mpt1b", "v1_llama"):
+  for variant in PRESETS:
     reference = ref.openflamingo(variant, root / variant)
-    if variant == "mpt1b":  # the tokenizer in the LM folder, where --tokenizer defaults to
+    if variant != "v1_llama":  # the tokenizer in the LM folder, where --tokenizer defaults to
       write_tokenizer(reference.lm)
       tokenizer = None
     else:  # LLaMA-7B as most conversions published it: pytorch_model.bin, a torch pickle
@@ -152,7 +152,7 @@ def _reference_outputs(name, reference):
   return _openflamingo_batch(inputs), logits, tokens[:, inputs["input_ids"].shape[1]:]
 
 
-@pytest.mark.parametrize("name", ["mpt1b", "v1_llama", "idefics"])
+@pytest.mark.parametrize("name", [*PRESETS, "idefics"])
 def test_converted_model_matches_the_reference(converted, name):
   reference, output = converted[name]
   model, processor, tokenizer = xattn_vlm.from_pretrained(output)
