@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -251,19 +252,21 @@ class Evaluator:
     features = functools.partial(
         demos_lib.cached_features, feature_fn=self._image_features, batch_size=self.batch_size,
         cache_dir=self.config.rices_cache_dir or self.output_dir / "rices")
-    tower = self._vision_fingerprint()
+    tower = self._vision_fingerprint
     pool = features([r["image"] for r in data.pool], name=f"{name}_pool_{tower}")
     ours = features([r["image"] for r in queries],
                     name=f"{name}_queries_{tower}_{self.process}of{self.processes}")
     chosen = demos_lib.RICES(data.pool_ids, pool)(ours, k, [q["id"] for q in queries])
     return {query["id"]: ids for query, ids in zip(queries, chosen)}
 
+  @functools.cached_property
   def _vision_fingerprint(self) -> str:
-    """A short hash of the vision tower's parameters, so a cache of another tower never matches."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(self.model.params["vision"]):
-      digest.update(np.asarray(leaf).tobytes())
-    return digest.hexdigest()[:12]
+    """A short hash of the tower's identity (``features.tower_identity``: parameters, config,
+    preprocessing), so a RICES cache of another tower never matches; the parameters are hashed
+    once per evaluation, by the feature cache when there is one."""
+    identity = (self.vision_features.identity if self.vision_features is not None
+                else features_lib.tower_identity(self.model, self.processor))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
   def _image_features(self, sources: Sequence) -> np.ndarray:
     if self.vision_features is not None:  # the tower's features, which the prompts reuse
