@@ -104,6 +104,10 @@ class GenerationOutput:
   scores: jax.Array
 
 
+# (logits [B, V], the output so far, step t) -> next tokens [B]
+Choose = Callable[[jax.Array, GenerationOutput, jax.Array], jax.Array]
+
+
 # -- decoding state: cached (prefill + decode_step) or recomputed (full forward) ----------------
 
 
@@ -207,13 +211,17 @@ def _choose(logits: jax.Array, config: GenerationConfig, key: jax.Array) -> jax.
 
 
 def sample_loop(logits: jax.Array, state: Any, step: Step, config: GenerationConfig,
-                rng: jax.Array) -> GenerationOutput:
-  """Greedy or sampled decoding: one token per sequence per iteration."""
+                rng: jax.Array, choose: Choose | None = None) -> GenerationOutput:
+  """Greedy or sampled decoding: one token per sequence per iteration, until every sequence has
+  stopped. ``choose`` replaces the greedy/sampled pick (e.g. a re-ranking of candidates)."""
   b, n = logits.shape[0], config.max_new_tokens
   stop = jnp.asarray(config.stop_token_ids, jnp.int32)
 
   def pick(t, logits, out):
-    token = _choose(logits, config, jax.random.fold_in(rng, t))
+    if choose is None:
+      token = _choose(logits, config, jax.random.fold_in(rng, t))
+    else:
+      token = choose(logits, out, t)
     log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
     active = ~out.stopped
     token = jnp.where(active, token, config.pad_token_id)

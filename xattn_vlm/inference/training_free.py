@@ -8,8 +8,8 @@
   stands for each image in the frozen LM's prompt, and the few-shot demonstrations are text too.
 
 The LM (``models.lm.DecoderLM``) decodes over its own ``LMCache``: one prefill of the left-padded
-prompt, then one token per step in a compiled loop. MAGiC encodes the k candidate texts of every
-sequence at every step: k text-tower forwards of the generated text per step.
+prompt, then ``decoding.sample_loop`` until every sequence has stopped. MAGiC encodes the k
+candidate texts of every sequence at every step: k text-tower forwards of the generated text.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xattn_vlm.inference import decoding
 from xattn_vlm.inference.model import StaticGraph
 from xattn_vlm.inference.processor import ImageLike, Processor
 from xattn_vlm.models import layers
@@ -72,41 +73,27 @@ class TextGeneration:
   stopped: np.ndarray
 
 
-# (logits [B, V], tokens so far [B, N], their mask [B, N], step t) -> next tokens [B]
-Choose = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def _decode(lm: DecoderLM, input_ids: jax.Array, attention_mask: jax.Array, num_new: int,
-            choose: Choose, stop_token_ids: tuple[int, ...], pad_token_id: int
+def _decode(lm: DecoderLM, input_ids: jax.Array, attention_mask: jax.Array,
+            config: decoding.GenerationConfig, choose: decoding.Choose | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Prefill, then ``num_new`` steps of ``choose`` over the LM's cache: (tokens, lengths, stopped)."""
+  """Prefill the LM's cache, then ``decoding.sample_loop``: (tokens, lengths, stopped)."""
   b, length = input_ids.shape
-  cache = lm.init_cache(b, length + num_new)
+  cache = lm.init_cache(b, length + config.max_new_tokens)
   hidden, cache = lm.forward_embeddings(lm.embed_tokens(input_ids),
                                         layers.default_positions(attention_mask), attention_mask,
                                         cache=cache)
-  logits = lm.logits(hidden[:, -1])
   position = attention_mask.sum(axis=-1).astype(jnp.int32)
-  stop = jnp.asarray(stop_token_ids, jnp.int32)
-  tokens = jnp.full((b, num_new), pad_token_id, jnp.int32)
-  mask = jnp.zeros((b, num_new), jnp.int32)
-  stopped = jnp.zeros((b,), bool)
 
-  def body(t, loop):
-    logits, cache, tokens, mask, stopped = loop
-    active = ~stopped
-    token = jnp.where(active, choose(logits, tokens, mask, t), pad_token_id)
-    tokens = tokens.at[:, t].set(token)
-    mask = mask.at[:, t].set(active.astype(jnp.int32))
-    stopped = stopped | (active & jnp.isin(token, stop))
+  def step(token, state):
+    cache, t = state
     hidden, cache = lm.forward_embeddings(lm.embed_tokens(token[:, None]),
                                           (position + t)[:, None], jnp.ones((b, 1), jnp.int32),
                                           cache=cache)
-    return lm.logits(hidden[:, -1]), cache, tokens, mask, stopped
+    return lm.logits(hidden[:, -1]), (cache, t + 1)
 
-  _, _, tokens, mask, stopped = jax.lax.fori_loop(
-      0, num_new, body, (logits, cache, tokens, mask, stopped))
-  return tokens, mask.sum(axis=-1).astype(jnp.int32), stopped
+  out = decoding.sample_loop(lm.logits(hidden[:, -1]), (cache, jnp.int32(0)), step, config,
+                             jax.random.key(0), choose)
+  return out.tokens, out.lengths, out.stopped
 
 
 def candidate_scores(log_probs: jax.Array, similarity: jax.Array, weight: float) -> jax.Array:
@@ -114,16 +101,10 @@ def candidate_scores(log_probs: jax.Array, similarity: jax.Array, weight: float)
   return log_probs + weight * similarity
 
 
-@functools.partial(jax.jit, static_argnames=("lm_graph", "num_new", "stop_token_ids",
-                                             "pad_token_id"))
-def _greedy(lm_graph: StaticGraph, lm_params: nnx.State, input_ids, attention_mask, *,
-            num_new: int, stop_token_ids: tuple[int, ...], pad_token_id: int):
-  def choose(logits, tokens, mask, t):
-    del tokens, mask, t
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  return _decode(lm_graph.merge(lm_params), input_ids, attention_mask, num_new, choose,
-                 stop_token_ids, pad_token_id)
+@functools.partial(jax.jit, static_argnames=("lm_graph", "config"))
+def _greedy(lm_graph: StaticGraph, lm_params: nnx.State, input_ids, attention_mask,
+            config: decoding.GenerationConfig):
+  return _decode(lm_graph.merge(lm_params), input_ids, attention_mask, config)
 
 
 @functools.partial(jax.jit, static_argnames=("lm_graph", "tower_graph", "config"))
@@ -133,18 +114,21 @@ def _magic(lm_graph: StaticGraph, lm_params: nnx.State, tower_graph: StaticGraph
   image_emb = towers.encode_image(pixels)  # [B, E]
   k = min(config.num_candidates, lm.cfg.vocab_size)
 
-  def choose(logits, tokens, mask, t):
-    b, n = tokens.shape
+  def choose(logits, out, t):
+    b, n = out.tokens.shape
+    mask = (jnp.arange(n) < out.lengths[:, None]).astype(jnp.int32)  # the text so far
     log_probs, candidates = jax.lax.top_k(jax.nn.log_softmax(logits), k)  # [B, k]
-    texts = jnp.repeat(tokens[:, None], k, axis=1).at[:, :, t].set(candidates)  # [B, k, N]
+    texts = jnp.repeat(out.tokens[:, None], k, axis=1).at[:, :, t].set(candidates)  # [B, k, N]
     text_mask = jnp.repeat(mask[:, None], k, axis=1).at[:, :, t].set(1)
     text_emb = towers.encode_text(texts.reshape(b * k, n), text_mask.reshape(b * k, n))
     similarity = jnp.einsum("be,bke->bk", image_emb, text_emb.reshape(b, k, -1))
     scores = candidate_scores(log_probs, similarity, config.weight)
     return jnp.take_along_axis(candidates, jnp.argmax(scores, axis=-1)[:, None], axis=1)[:, 0]
 
-  return _decode(lm, input_ids, attention_mask, config.max_new_tokens, choose,
-                 config.stop_token_ids, config.pad_token_id)
+  generation = decoding.GenerationConfig(max_new_tokens=config.max_new_tokens,
+                                         stop_token_ids=config.stop_token_ids,
+                                         pad_token_id=config.pad_token_id)
+  return _decode(lm, input_ids, attention_mask, generation, choose)
 
 
 def _check_vocabularies(lm: DecoderLM, towers: DualEncoder | None, processor: Processor) -> None:
@@ -186,9 +170,10 @@ def greedy_text(lm: DecoderLM, processor: Processor, prompts: Sequence[str], *,
   _check_vocabularies(lm, None, processor)
   input_ids, attention_mask = _text_batch(processor, prompts)
   graphdef, params = nnx.split(lm)
-  out = _greedy(StaticGraph(graphdef), params, input_ids, attention_mask,
-                num_new=max_new_tokens, stop_token_ids=_stop_ids(processor, stop_token_ids),
-                pad_token_id=processor.tokenizer.pad_token_id)
+  config = decoding.GenerationConfig(max_new_tokens=max_new_tokens,
+                                     stop_token_ids=_stop_ids(processor, stop_token_ids),
+                                     pad_token_id=processor.tokenizer.pad_token_id)
+  out = _greedy(StaticGraph(graphdef), params, input_ids, attention_mask, config)
   return _finish(processor, *out)
 
 
