@@ -1,5 +1,6 @@
 """Test setup: 8 forced CPU devices and a persistent compilation cache, before jax is imported."""
 
+import gc
 import os
 import pathlib
 
@@ -21,3 +22,13 @@ def attention(request) -> str:
   """Each attention implementation (``config.model.attention``) in turn, for the tests that pin
   masking, zero gates, prefill/decode and parity."""
   return request.param
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. XLA:CPU maps each program's code into
+  its own memory regions; the whole suite in one process passed the kernel's limit on memory
+  maps (vm.max_map_count, 65,530) and died of a segfault."""
+  yield
+  jax.clear_caches()
+  gc.collect()
