@@ -17,12 +17,14 @@ One stage alone (the recipe runs these into <workdir>/<stage>):
    tower (CLIP's symmetric InfoNCE).
 3. ``flamingo``: both towers are loaded from the runs above (``config.init.*_workdir``) and
    frozen; the resampler, gated cross-attention blocks and ``<image>``/``<|endofchunk|>`` rows
-   train on interleaved documents (weight 1.0), VQA pairs (1.0), fast-binding episodes with
-   fresh made-up names (0.5) and captions (0.2). The VQA pairs supervise their answer alone
-   (``supervise="answer"``), 128 short pairs a step: under the loss on every token, and at 32
-   pairs a step, the answers stayed at the per-type prior. Few-shot episodes in the
-   evaluation's format (``kind="fewshot_vqa"``/``"fewshot_caption"``) in place of the documents
-   and captions left the model blind to its images over 3 seeds (docs/results.md).
+   train on interleaved documents (weight 1.0), VQA pairs (1.0), few-shot VQA episodes (0.5)
+   and few-shot caption episodes (0.3) in the evaluation's own prompt format at its context
+   length (``kind="fewshot_vqa"``/``"fewshot_caption"``: 0 to 8 demonstrations, the query's
+   answer supervised alone), and fast-binding episodes with fresh made-up names (0.5). The VQA
+   pairs supervise their answer alone (``supervise="answer"``), 128 short pairs a step: under
+   the loss on every token, and at 32 pairs a step, the answers stayed at the per-type prior.
+   Without the few-shot episodes both shot curves fell; with them in place of the documents the
+   model went blind to its images (docs/results.md).
 4. (recipe) 0/4/8-shot evaluation of shapes-world captioning, VQA and in-context binding with
    the Flamingo protocol, and a report (``xattn_vlm.recipe``).
 
@@ -46,6 +48,7 @@ LEARNING_RATES = {"lm_pretrain": 3e-3, "vision_pretrain": 1e-3, "flamingo": 1e-2
 SMOKE_STEPS = {"lm_pretrain": 80, "vision_pretrain": 40, "flamingo": 80}
 CONTEXT = 384  # tokens: an 8-shot captioning prompt (about 260) plus 20 new tokens fits
 MAX_MEDIA = 9  # images: 8 demonstrations and the query
+FEWSHOT_VQA_TOKENS = 160  # an 8-shot VQA episode: about 150 tokens at most
 POOL_SIZE = 2048  # the evaluation's demonstrations come from this many train items
 BINDING_SHOTS = 4  # support images of the training binding episodes (evaluated at 0, 4 and 8)
 
@@ -81,6 +84,7 @@ def stage_config(stage: str, steps: int) -> ml_collections.ConfigDict:
   config.data.max_images = MAX_MEDIA
   shapes = dict(num_records=100_000)
   pairs = dict(max_tokens=64, media_slots=1, **shapes)
+  fewshot = dict(max_shots=MAX_MEDIA - 1, pool_size=POOL_SIZE)
   config.data.datasets = {
       "lm_pretrain": dict(text=configs.dataset("shapes_text", batch_size=8, texts_per_record=8,
                                                **shapes)),
@@ -90,9 +94,15 @@ def stage_config(stage: str, steps: int) -> ml_collections.ConfigDict:
           documents=configs.dataset("shapes", batch_size=8, weight=1.0, kind="interleaved",
                                     min_images=2, max_images=5, max_tokens=192, media_slots=5,
                                     **shapes),
-          captions=configs.dataset("shapes", batch_size=8, weight=0.2, kind="caption", **pairs),
           vqa=configs.dataset("shapes", batch_size=128, weight=1.0, kind="vqa", max_tokens=24,
                               media_slots=1, supervise="answer", **shapes),
+          fewshot_vqa=configs.dataset("shapes", batch_size=16, weight=0.5, kind="fewshot_vqa",
+                                      max_tokens=FEWSHOT_VQA_TOKENS, media_slots=MAX_MEDIA,
+                                      supervise="answer", **fewshot, **shapes),
+          fewshot_captions=configs.dataset("shapes", batch_size=8, weight=0.3,
+                                           kind="fewshot_caption", max_tokens=CONTEXT,
+                                           media_slots=MAX_MEDIA, supervise="answer", **fewshot,
+                                           **shapes),
           binding=configs.dataset("shapes", batch_size=8, weight=0.5, kind="binding",
                                   num_shots=BINDING_SHOTS, max_tokens=80,
                                   media_slots=BINDING_SHOTS + 1, **shapes)),
