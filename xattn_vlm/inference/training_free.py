@@ -50,12 +50,17 @@ class MagicConfig:
   def __post_init__(self):
     if self.num_candidates < 1:
       raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if not np.isfinite(self.weight) or self.weight < 0:
       raise ValueError(f"weight must be a finite number >= 0, got {self.weight}")
-    object.__setattr__(self, "stop_token_ids",
-                       tuple(int(i) for i in self.stop_token_ids if i is not None))
+    # The decoding loop's settings check max_new_tokens and normalise the stop ids.
+    object.__setattr__(self, "stop_token_ids", self.generation.stop_token_ids)
+
+  @property
+  def generation(self) -> decoding.GenerationConfig:
+    """The settings of ``decoding.sample_loop``, which MAGiC's re-ranking runs in."""
+    return decoding.GenerationConfig(max_new_tokens=self.max_new_tokens,
+                                     stop_token_ids=self.stop_token_ids,
+                                     pad_token_id=self.pad_token_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +130,7 @@ def _magic(lm_graph: StaticGraph, lm_params: nnx.State, tower_graph: StaticGraph
     scores = candidate_scores(log_probs, similarity, config.weight)
     return jnp.take_along_axis(candidates, jnp.argmax(scores, axis=-1)[:, None], axis=1)[:, 0]
 
-  generation = decoding.GenerationConfig(max_new_tokens=config.max_new_tokens,
-                                         stop_token_ids=config.stop_token_ids,
-                                         pad_token_id=config.pad_token_id)
-  return _decode(lm, input_ids, attention_mask, generation, choose)
+  return _decode(lm, input_ids, attention_mask, config.generation, choose)
 
 
 def _check_vocabularies(lm: DecoderLM, towers: DualEncoder | None, processor: Processor) -> None:
