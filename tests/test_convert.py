@@ -33,6 +33,8 @@ from helpers import REPO, leaves, tiny
 from xattn_vlm import checkpoint
 from xattn_vlm.inference import Batch, GenerationConfig, generate, generate_tokens
 from xattn_vlm.models import config as model_config
+from xattn_vlm.models import convert
+from xattn_vlm.models import lm as lm_lib
 from xattn_vlm.train import trainer
 
 pytestmark = pytest.mark.slow
@@ -245,6 +247,30 @@ def test_the_trainer_fine_tunes_a_converted_model(converted, tmp_path):
                                        r"model: config\.model\.xattn\.every_n_layers: saved 1, "
                                        r"now 2"):
     trainer.train(config, str(tmp_path / "other"))
+
+
+def test_a_scanned_run_takes_converted_and_hugging_face_weights_into_stacked_blocks(
+    converted, tmp_path):
+  """``model.scan_layers``: the trainer restores an unrolled converted model (and reads a Hugging
+  Face LM folder) into the stacked layout, bit for bit."""
+  reference, output = converted["mpt1b"]
+  hf_lm = nnx.state(convert.load_hf_lm(reference.lm), nnx.Param)
+  for name, init, lm in (
+      ("converted", {"init.flamingo_workdir": str(output)},
+       nnx.state(checkpoint.load_flamingo(str(output)), nnx.Param)["lm"]),
+      ("hugging_face", {"init.lm_hf_path": str(reference.lm)}, hf_lm)):
+    expected = leaves(lm_lib.blocks_layout(lm, scanned=True))
+    assert "blocks/attn/query/kernel" in expected
+    config = tiny("flamingo", total_steps=1, **init, **{
+        "data.tokenizer": str(output / "tokenizer"), "checkpoint.every_steps": 1})
+    config.model = checkpoint.saved_config(str(output)).model
+    if name == "hugging_face":
+      config.model.lm = convert.read_lm_config(reference.lm)
+    config.model.scan_layers = True
+    after = leaves(jax.device_get(trainer.train(config, str(tmp_path / name)).params["lm"]))
+    assert after.keys() == expected.keys()
+    for key, value in expected.items():
+      np.testing.assert_array_equal(after[key], value, err_msg=f"{name}: {key}")
 
 
 # -- failures -------------------------------------------------------------------------------------

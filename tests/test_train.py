@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.models import flamingo as flamingo_lib
+from xattn_vlm.models import lm as lm_lib
 from xattn_vlm import checkpoint
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import input_pipeline
@@ -94,9 +95,34 @@ def test_incompatible_workdir_fails_at_start(sharded_run):
   config.model.lm.num_layers = 3
   with pytest.raises(ValueError, match=r"different model.*config\.model\.lm\.num_layers: saved 2"):
     trainer.train(config, str(workdir))
-  config = tiny(**MESH_222, **SGD, **{"model.scan_layers": True})
-  with pytest.raises(ValueError, match=r"config\.model\.scan_layers: saved False, now True"):
-    trainer.train(config, str(workdir))
+
+
+def test_a_run_resumes_in_the_other_layer_layout(sharded_run, tmp_path):
+  """An unrolled run's checkpoint restores into a scanned run (parameters and optimizer state
+  bit-identical, the blocks stacked) and training goes on from it; the scanned run's checkpoint
+  restores back into the unrolled layout bit-identically."""
+  workdir, sharded = sharded_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  scan = {"model.scan_layers": True}
+  restored = trainer.train(tiny(**MESH_222, **SGD, **scan), str(copy))
+  kernel = restored.params["lm"]["blocks"]["mlp"]["up"]["kernel"][...]
+  assert kernel.shape[0] == tiny().model.lm.num_layers
+  assert kernel.sharding.spec[0] is None  # the layers axis is not sharded
+  assert jax.tree.structure(restored) == jax.tree.structure(
+      lm_lib.blocks_layout(sharded, scanned=True))
+  expected = leaves(lm_lib.blocks_layout(sharded, scanned=True))
+  got = leaves(restored)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+  longer = tiny(**MESH_222, **SGD, **scan, **{"total_steps": 5})
+  trained = trainer.train(longer, str(copy))
+  assert [row["step"] for row in metrics_lib.read_metrics(str(copy))][-2:] == [4, 5]
+  unrolled_again = trainer.train(tiny(**MESH_222, **SGD, **{"total_steps": 5}), str(copy))
+  expected = leaves(lm_lib.blocks_layout(trained, scanned=False))
+  got = leaves(unrolled_again)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def test_another_mixture_fails_at_start_and_keeps_the_checkpoints(sharded_run):
@@ -371,10 +397,11 @@ def test_scanned_layers_train_with_the_unrolled_loss_on_an_fsdp_mesh():
 
 
 def test_a_checkpoint_saved_before_scan_layers_existed_is_unrolled():
-  current = checkpoint.config_json(tiny())
   saved = checkpoint.config_json(tiny())
   del saved["model"]["scan_layers"]
-  assert checkpoint.model_differences(saved, current) == []
-  current["model"]["scan_layers"] = True
-  assert checkpoint.model_differences(saved, current) == [
-      "config.model.scan_layers: saved False, now True"]
+  assert not checkpoint.saved_scanned(saved)
+  scanned = checkpoint.config_json(tiny(**{"model.scan_layers": True}))
+  assert checkpoint.saved_scanned(scanned)
+  assert checkpoint.model_differences(saved, scanned) == []  # either layout restores
+  scanned["stage"] = "lm_pretrain"
+  assert not checkpoint.saved_scanned(scanned)  # only the flamingo stage scans

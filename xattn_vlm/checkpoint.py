@@ -19,7 +19,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -29,6 +29,7 @@ from flax import nnx
 
 from xattn_vlm.data.tokenizer import Tokenizer
 from xattn_vlm.data.shapes.tokenizer import default_tokenizer
+from xattn_vlm.models import lm as lm_lib
 from xattn_vlm.models.flamingo import Flamingo
 
 _log = logging.getLogger(__name__)
@@ -42,10 +43,8 @@ MODEL_FIELDS = {
     "lm_pretrain": ("model.lm", "model.param_dtype"),
     "vision_pretrain": ("model.vision", "model.param_dtype", "contrastive"),
     "flamingo": ("model.lm", "model.vision", "model.resampler", "model.xattn",
-                 "model.added_tokens", "model.param_dtype", "model.scan_layers"),
+                 "model.added_tokens", "model.param_dtype"),
 }
-# Fields added after checkpoints were written without them: the value those checkpoints meant.
-SAVED_DEFAULTS = {"model.scan_layers": False}
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -74,12 +73,26 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
   parameters and differs (the stage first)."""
   if saved.get("stage") != current["stage"]:
     return [f"config.stage: saved {saved.get('stage')!r}, now {current['stage']!r}"]
-  def field(tree, name):
-    value = get_field(tree, name)
-    return SAVED_DEFAULTS.get(name) if value is None else value
-
   return [d for f in MODEL_FIELDS[current["stage"]]
-          for d in differences(field(saved, f), field(current, f), f"config.{f}")]
+          for d in differences(get_field(saved, f), get_field(current, f), f"config.{f}")]
+
+
+def saved_scanned(saved: dict[str, Any]) -> bool:
+  """Whether a saved run's LM blocks are in the scanned layout: only the flamingo stage's model
+  scans them, when ``config.model.scan_layers`` is set (absent in configs older than it)."""
+  return saved.get("stage") == "flamingo" and bool(get_field(saved, "model.scan_layers"))
+
+
+def restore_in_layout(restore: Callable[[Any], Any], target: Any, scanned: bool) -> Any:
+  """``restore(tree)`` of a checkpoint whose LM blocks are ``scanned`` or not, returned in the
+  layout and shardings of ``target`` (ShapeDtypeStructs with shardings): a checkpoint written
+  with or without ``config.model.scan_layers`` restores into either (exactly: the layouts hold
+  the same numbers)."""
+  wanted = lm_lib.scanned_layout(target)
+  if wanted is None or wanted == scanned:
+    return restore(target)
+  restored = lm_lib.blocks_layout(restore(lm_lib.blocks_layout(target, scanned)), wanted)
+  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), restored, target)
 
 
 def abstract_with_shardings(abstract, shardings):
@@ -127,17 +140,19 @@ def load_params(workdir: str, target: Any, *, source: str, stage: str, model_key
       raise ValueError(f"{setting}={workdir!r} holds a different {model_key or 'model'}: "
                        + "; ".join(changed[:5])
                        + f". Set {what} to the {stage} run's (checkpoint.saved_config).")
+    restore = lambda tree: manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+            partial_restore=True))).state
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
-          partial_restore=True)))
+      restored = restore_in_layout(restore, tree, saved_scanned(saved))
     except Exception as error:  # pylint: disable=broad-except
       _log.warning("%s: step %d cannot be restored (%s); trying the previous step", workdir,
                       step, error)
       errors.append(f"step {step}: {error}")
       continue
     manager.close()
-    params = restored.state["params"]
+    params = restored["params"]
     _log.info("loaded %s from %s step %d", source or "all parameters", workdir, step)
     return params if not source else params[source]
   raise ValueError(f"{setting}={workdir!r}: no checkpoint could be restored: {errors}")

@@ -13,13 +13,14 @@ is a function of the slots, padding included, exactly as in its reference code.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from xattn_vlm.models import layers
 from xattn_vlm.models import remat as remat_lib
@@ -155,18 +156,100 @@ def stack_blocks(blocks: Sequence[DecoderBlock]) -> DecoderBlock:
   """One block whose parameters hold every block's, stacked along a leading ``layers`` axis
   (MaxText's scanned layout; the same values as the blocks one by one)."""
   graphdef = nnx.split(blocks[0])[0]
-  states = [nnx.split(block)[1] for block in blocks]
+  return nnx.merge(graphdef, _stacked([nnx.split(block)[1] for block in blocks]))
 
-  def stack(*variables):
-    first = variables[0]
+
+def _is_unrolled(blocks: Mapping) -> bool:
+  return all(str(key).isdigit() for key in blocks)
+
+
+def _with_layers_axis(sharding, add: bool):
+  """A NamedSharding with the unsharded ``layers`` dimension put first (or taken off)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  return jax.sharding.NamedSharding(sharding.mesh, P(None, *spec) if add else P(*spec[1:]))
+
+
+def _stack_leaves(*leaves):
+  first = leaves[0]
+  if isinstance(first, nnx.Variable):
+    stacked = first.replace(_stack_leaves(*[leaf.get_value() for leaf in leaves]))
     axes = first.get_metadata().get("out_sharding")
-    stacked = first.replace(jnp.stack([v.get_value() for v in variables]))
     if axes:
       stacked.set_metadata(out_sharding=("layers", *axes))
     return stacked
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype,
+                                sharding=_with_layers_axis(first.sharding, add=True))
+  return jnp.stack(leaves)
 
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-  return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=is_variable))
+
+def _slice_leaf(leaf, i: int):
+  if isinstance(leaf, nnx.Variable):
+    sliced = leaf.replace(_slice_leaf(leaf.get_value(), i))
+    axes = leaf.get_metadata().get("out_sharding")
+    if axes and axes[0] == "layers":
+      sliced.set_metadata(out_sharding=tuple(axes[1:]))
+    return sliced
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                sharding=_with_layers_axis(leaf.sharding, add=False))
+  return leaf[i]
+
+
+def _items(mapping: Mapping):
+  """A mapping's items, a State's children as it holds them (plain dicts stay dicts)."""
+  return (mapping.raw_mapping if isinstance(mapping, nnx.State) else mapping).items()
+
+
+_IS_LEAF = lambda x: isinstance(x, (nnx.Variable, jax.ShapeDtypeStruct))
+
+
+def _stacked(states: Sequence[Mapping]) -> Mapping:
+  return jax.tree.map(_stack_leaves, *states, is_leaf=_IS_LEAF)
+
+
+def _blocks_as(blocks: Mapping, scanned: bool) -> Mapping:
+  if _is_unrolled(blocks) == (not scanned):
+    return blocks
+  if scanned:
+    return _stacked([blocks[key] for key in sorted(blocks, key=int)])
+  num_layers = jax.tree.leaves(blocks, is_leaf=_IS_LEAF)[0].shape[0]
+  unrolled = {i: jax.tree.map(lambda x, i=i: _slice_leaf(x, i), blocks, is_leaf=_IS_LEAF)
+              for i in range(num_layers)}
+  return nnx.State(unrolled) if isinstance(blocks, nnx.State) else unrolled
+
+
+def blocks_layout(tree: Any, scanned: bool) -> Any:
+  """``tree`` with every ``DecoderLM``'s ``blocks`` in the scanned layout (one block, stacked
+  along a leading ``layers`` axis) or the unrolled one (blocks ``0 .. n-1``): a model's state,
+  a train state (optimizer moments included) or a checkpoint's restore target; arrays are
+  stacked or sliced, ShapeDtypeStructs and parameter metadata get the other layout's shape and
+  sharding. Both layouts hold the same numbers, so converting is exact both ways."""
+  if isinstance(tree, Mapping):
+    items = {key: _blocks_as(value, scanned) if key == "blocks" and isinstance(value, Mapping)
+             else blocks_layout(value, scanned) for key, value in _items(tree)}
+    return nnx.State(items) if isinstance(tree, nnx.State) else items
+  children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+  if jax.tree_util.treedef_is_leaf(treedef):
+    return tree
+  return treedef.unflatten([blocks_layout(child, scanned) for child in children])
+
+
+def scanned_layout(tree: Any) -> bool | None:
+  """Whether the LM blocks in ``tree`` are in the scanned layout (None: it holds none)."""
+  if isinstance(tree, Mapping):
+    for key, value in _items(tree):
+      found = (not _is_unrolled(value) if key == "blocks" and isinstance(value, Mapping)
+               else scanned_layout(value))
+      if found is not None:
+        return found
+    return None
+  children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+  if jax.tree_util.treedef_is_leaf(treedef):
+    return None
+  return next((f for f in map(scanned_layout, children) if f is not None), None)
 
 
 def make_norm(cfg: ml_collections.ConfigDict, **kw) -> layers.LayerNorm | layers.RMSNorm:

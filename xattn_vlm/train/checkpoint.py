@@ -20,7 +20,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from xattn_vlm.checkpoint import CHECKPOINTS, config_json, get_field, model_differences, run_path
+from xattn_vlm.checkpoint import (CHECKPOINTS, config_json, get_field, model_differences,
+                                  restore_in_layout, run_path, saved_scanned)
 
 _log = logging.getLogger(__name__)
 
@@ -131,16 +132,18 @@ class Checkpointer:
 
   def restore_latest(self, target_state, iterator) -> tuple[Any, int] | None:
     """The newest restorable (state, step), with ``iterator`` set to its position; None when the
-    workdir has no checkpoint. ``target_state``: ShapeDtypeStructs with shardings."""
+    workdir has no checkpoint. ``target_state``: ShapeDtypeStructs with shardings, in either
+    layer layout (``checkpoint.restore_in_layout``)."""
     for step in reversed(self.manager.all_steps()):
+      restore = lambda target, step=step: self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=grain.checkpoint.CheckpointRestore(iterator))).state
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_state),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
+        state = restore_in_layout(restore, target_state, saved_scanned(self.saved_config(step)))
       except Exception as error:  # pylint: disable=broad-except
         self._set_aside(step, error)
         continue
-      return restored.state, step
+      return state, step
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:
