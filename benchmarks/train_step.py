@@ -45,8 +45,8 @@ _DEVICES = flags.DEFINE_integer("devices", 0, "forced host devices; 0: run 1 and
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _ATTENTION = flags.DEFINE_list("attention", ["auto"], "config.model.attention values to measure")
-_SCAN = flags.DEFINE_bool("scan_layers", False, "config.model.scan_layers: the LM's blocks under "
-                          "lax.scan")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "config.model.scan_layers: the layers of every tower "
+                          "under lax.scan")
 _PEAK_REPEATS = 10  # matmuls in a row for each back-to-back peak (the median is taken)
 
 

@@ -34,7 +34,7 @@ from xattn_vlm import checkpoint
 from xattn_vlm.inference import Batch, GenerationConfig, generate, generate_tokens
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models import convert
-from xattn_vlm.models import lm as lm_lib
+from xattn_vlm.models import scan
 from xattn_vlm.train import trainer
 
 pytestmark = pytest.mark.slow
@@ -259,7 +259,7 @@ def test_a_scanned_run_takes_converted_and_hugging_face_weights_into_stacked_blo
       ("converted", {"init.flamingo_workdir": str(output)},
        nnx.state(checkpoint.load_flamingo(str(output)), nnx.Param)["lm"]),
       ("hugging_face", {"init.lm_hf_path": str(reference.lm)}, hf_lm)):
-    expected = leaves(lm_lib.blocks_layout(lm, scanned=True))
+    expected = leaves(scan.layout(lm, scanned=True))
     assert "blocks/attn/query/kernel" in expected
     config = tiny("flamingo", total_steps=1, **init, **{
         "data.tokenizer": str(output / "tokenizer"), "checkpoint.every_steps": 1})

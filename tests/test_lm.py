@@ -16,7 +16,7 @@ from flax import nnx
 import reference_models
 from xattn_vlm.models import convert, layers
 from xattn_vlm.models.config import lm_config
-from xattn_vlm.models.lm import DecoderLM, causal_mask
+from xattn_vlm.models.lm import DecoderLM, Inserted, causal_mask
 
 VOCAB, WIDTH, DEPTH, HEADS, MLP, MAX_LEN = 64, 32, 2, 4, 48, 32
 
@@ -251,7 +251,7 @@ def test_before_block_hook_and_remat():
       seen.append(i)
       return h * (1 + i) if scale_before_block else h
     out, _ = lm.forward_embeddings(lm.embed_tokens(ids), layers.default_positions(mask), mask,
-                                   before_block=hook)
+                                   inserted=Inserted(range(DEPTH), hook))
     return out
 
   assert not np.allclose(hidden(lm, ids, False), hidden(lm, ids, True))

@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from xattn_vlm.data.sequence import IGNORE_INDEX
 from xattn_vlm.models import flamingo as flamingo_lib
-from xattn_vlm.models import lm as lm_lib
+from xattn_vlm.models import scan
 from xattn_vlm import checkpoint
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import input_pipeline
@@ -104,22 +104,22 @@ def test_a_run_resumes_in_the_other_layer_layout(sharded_run, tmp_path):
   workdir, sharded = sharded_run
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  scan = {"model.scan_layers": True}
-  restored = trainer.train(tiny(**MESH_222, **SGD, **scan), str(copy))
+  scanned = {"model.scan_layers": True}
+  restored = trainer.train(tiny(**MESH_222, **SGD, **scanned), str(copy))
   kernel = restored.params["lm"]["blocks"]["mlp"]["up"]["kernel"][...]
   assert kernel.shape[0] == tiny().model.lm.num_layers
   assert kernel.sharding.spec[0] is None  # the layers axis is not sharded
   assert jax.tree.structure(restored) == jax.tree.structure(
-      lm_lib.blocks_layout(sharded, scanned=True))
-  expected = leaves(lm_lib.blocks_layout(sharded, scanned=True))
+      scan.layout(sharded, scanned=True))
+  expected = leaves(scan.layout(sharded, scanned=True))
   got = leaves(restored)
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-  longer = tiny(**MESH_222, **SGD, **scan, **{"total_steps": 5})
+  longer = tiny(**MESH_222, **SGD, **scanned, **{"total_steps": 5})
   trained = trainer.train(longer, str(copy))
   assert [row["step"] for row in metrics_lib.read_metrics(str(copy))][-2:] == [4, 5]
   unrolled_again = trainer.train(tiny(**MESH_222, **SGD, **{"total_steps": 5}), str(copy))
-  expected = leaves(lm_lib.blocks_layout(trained, scanned=False))
+  expected = leaves(scan.layout(trained, scanned=False))
   got = leaves(unrolled_again)
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from xattn_vlm.data.tokenizer import Tokenizer
 from xattn_vlm.data.shapes.tokenizer import default_tokenizer
-from xattn_vlm.models import lm as lm_lib
+from xattn_vlm.models import scan
 from xattn_vlm.models.flamingo import Flamingo
 
 _log = logging.getLogger(__name__)
@@ -78,20 +78,20 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 
 
 def saved_scanned(saved: dict[str, Any]) -> bool:
-  """Whether a saved run's LM blocks are in the scanned layout: only the flamingo stage's model
+  """Whether a saved run's layers are in the scanned layout: only the flamingo stage's model
   scans them, when ``config.model.scan_layers`` is set (absent in configs older than it)."""
   return saved.get("stage") == "flamingo" and bool(get_field(saved, "model.scan_layers"))
 
 
 def restore_in_layout(restore: Callable[[Any], Any], target: Any, scanned: bool) -> Any:
-  """``restore(tree)`` of a checkpoint whose LM blocks are ``scanned`` or not, returned in the
+  """``restore(tree)`` of a checkpoint whose layers are ``scanned`` or not, returned in the
   layout and shardings of ``target`` (ShapeDtypeStructs with shardings): a checkpoint written
   with or without ``config.model.scan_layers`` restores into either (exactly: the layouts hold
   the same numbers)."""
-  wanted = lm_lib.scanned_layout(target)
+  wanted = scan.scanned_layout(target)
   if wanted is None or wanted == scanned:
     return restore(target)
-  restored = lm_lib.blocks_layout(restore(lm_lib.blocks_layout(target, scanned)), wanted)
+  restored = scan.layout(restore(scan.layout(target, scanned)), wanted)
   return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), restored, target)
 
 

@@ -159,8 +159,9 @@ def flamingo_config(*, lm, vision, resampler, xattn,
   Their input and output rows train, the LM vocabulary stays frozen. ``remat`` names what each
   block keeps for the backward pass (``models.remat.NAMES``); ``attention`` which attention code
   every tower runs (``auto``, ``fused`` or ``explicit``: ``models.layers.attend``); ``fusion``
-  how the LM sees the images (``FUSION_MODES``); ``scan_layers`` stacks the LM's blocks and runs
-  them under ``lax.scan`` (``lm.DecoderLM``)."""
+  how the LM sees the images (``FUSION_MODES``); ``scan_layers`` stacks the layers of the LM,
+  the vision tower and the resampler and runs them under ``lax.scan``, the gated blocks with
+  the LM blocks they precede (``models.scan``, ``lm.DecoderLM``)."""
   added_tokens = tuple(added_tokens)
   special_tokens.added_token_ids(lm.vocab_size, added_tokens)  # checks the list
   config = ml_collections.ConfigDict(dict(

@@ -24,7 +24,8 @@ from xattn_vlm import special_tokens
 from xattn_vlm.models import layers
 from xattn_vlm.models import remat as remat_lib
 from xattn_vlm.models.config import fusion_mode, media_tokens_per_image
-from xattn_vlm.models.lm import DecoderLM, LMCache
+from xattn_vlm.models import scan
+from xattn_vlm.models.lm import DecoderLM, Inserted, LMCache
 from xattn_vlm.models.resampler import PerceiverResampler
 from xattn_vlm.models.vision import VisionEncoder
 from xattn_vlm.models.xattn import GatedCrossAttentionBlock, cross_attention_mask, media_locations
@@ -111,12 +112,15 @@ class Flamingo(nnx.Module):
     lm_cfg, vis_cfg, x_cfg = config.lm, config.vision, config.xattn
     self.media_token_id, self.eoc_token_id = special_tokens.added_token_ids(
         lm_cfg.vocab_size, config.added_tokens)
-    self.vision = VisionEncoder(vis_cfg, remat=config.remat, attention=config.attention, **kw)
-    self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width,
-                                        attention=config.attention, **kw)
     # .get: the configs saved with checkpoints before scan_layers existed lack it.
+    scan_layers = config.get("scan_layers", False)
+    self.vision = VisionEncoder(vis_cfg, remat=config.remat, attention=config.attention,
+                                scan_layers=scan_layers, **kw)
+    self.resampler = PerceiverResampler(config.resampler, input_dim=vis_cfg.width,
+                                        attention=config.attention, scan_layers=scan_layers,
+                                        remat=config.remat, **kw)
     self.lm = DecoderLM(lm_cfg, remat=config.remat, attention=config.attention,
-                        scan_layers=config.get("scan_layers", False), **kw)
+                        scan_layers=scan_layers, **kw)
     dim_visual = config.resampler.width or vis_cfg.width
     self.gated_layers = tuple(gated_layers(config))
     self.gated_blocks = nnx.List([
@@ -197,18 +201,20 @@ class Flamingo(nnx.Module):
 
   def _run(self, x, positions, attention_mask, media_kv, xattn_mask, cache, prefix_end=None):
     """The one layer loop over input embeddings x: the LM's, with gated blocks inserted before
-    the chosen LM blocks."""
-    slot = {layer: j for j, layer in enumerate(self.gated_layers)}
-
-    def before_block(i, h):
-      if i not in slot:
-        return h
-      run_block = remat_lib.rematerialise(lambda blk, y, kv, m: blk(y, kv, m), self.config.remat)
-      return run_block(self.gated_blocks[slot[i]], h, media_kv[slot[i]], xattn_mask)
-
+    the chosen LM blocks (a scanned LM scans them with the LM blocks, as groups)."""
+    run_gated = remat_lib.rematerialise(lambda blk, y, kv, m: blk(y, kv, m), self.config.remat)
+    apply = lambda j, h: run_gated(self.gated_blocks[j], h, media_kv[j], xattn_mask)
+    stacked = apply_stacked = None
+    if self.lm.scan_layers and self.gated_blocks:
+      graphdef = nnx.split(self.gated_blocks[0])[0]
+      # Stacked inside the step, so the gated blocks' parameters keep one layout.
+      stacked = lambda: (scan.stack_states([nnx.split(b)[1] for b in self.gated_blocks]),
+                         jax.tree.map(lambda *xs: jnp.stack(xs), *media_kv))
+      apply_stacked = lambda inputs, h: run_gated(nnx.merge(graphdef, inputs[0]), h, inputs[1],
+                                                  xattn_mask)
+    inserted = Inserted(self.gated_layers, apply, stacked, apply_stacked)
     return self.lm.forward_embeddings(x, positions, attention_mask, cache=cache,
-                                      before_block=before_block, before_layers=self.gated_layers,
-                                      prefix_end=prefix_end)
+                                      inserted=inserted, prefix_end=prefix_end)
 
   def _media_index(self, input_ids: jax.Array) -> jax.Array:
     return media_locations(input_ids, self.media_token_id,

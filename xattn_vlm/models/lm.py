@@ -13,17 +13,18 @@ is a function of the slots, padding included, exactly as in its reference code.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
 from xattn_vlm.models import layers
 from xattn_vlm.models import remat as remat_lib
+from xattn_vlm.models import scan
 from xattn_vlm.models.config import LM_FAMILIES
 
 ROPE_FAMILIES = ("llama", "gpt_neox")
@@ -152,111 +153,28 @@ class DecoderBlock(nnx.Module):
     return layers.constrain(x, layers.batch_axes(x)), kv
 
 
-def stack_blocks(blocks: Sequence[DecoderBlock]) -> DecoderBlock:
-  """One block whose parameters hold every block's, stacked along a leading ``layers`` axis
-  (MaxText's scanned layout; the same values as the blocks one by one)."""
-  graphdef = nnx.split(blocks[0])[0]
-  return nnx.merge(graphdef, _stacked([nnx.split(block)[1] for block in blocks]))
-
-
-def _is_unrolled(blocks: Mapping) -> bool:
-  return all(str(key).isdigit() for key in blocks)
-
-
-def _with_layers_axis(sharding, add: bool):
-  """A NamedSharding with the unsharded ``layers`` dimension put first (or taken off)."""
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return sharding
-  spec = tuple(sharding.spec)
-  return jax.sharding.NamedSharding(sharding.mesh, P(None, *spec) if add else P(*spec[1:]))
-
-
-def _stack_leaves(*leaves):
-  first = leaves[0]
-  if isinstance(first, nnx.Variable):
-    stacked = first.replace(_stack_leaves(*[leaf.get_value() for leaf in leaves]))
-    axes = first.get_metadata().get("out_sharding")
-    if axes:
-      stacked.set_metadata(out_sharding=("layers", *axes))
-    return stacked
-  if isinstance(first, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype,
-                                sharding=_with_layers_axis(first.sharding, add=True))
-  return jnp.stack(leaves)
-
-
-def _slice_leaf(leaf, i: int):
-  if isinstance(leaf, nnx.Variable):
-    sliced = leaf.replace(_slice_leaf(leaf.get_value(), i))
-    axes = leaf.get_metadata().get("out_sharding")
-    if axes and axes[0] == "layers":
-      sliced.set_metadata(out_sharding=tuple(axes[1:]))
-    return sliced
-  if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
-                                sharding=_with_layers_axis(leaf.sharding, add=False))
-  return leaf[i]
-
-
-def _items(mapping: Mapping):
-  """A mapping's items, a State's children as it holds them (plain dicts stay dicts)."""
-  return (mapping.raw_mapping if isinstance(mapping, nnx.State) else mapping).items()
-
-
-_IS_LEAF = lambda x: isinstance(x, (nnx.Variable, jax.ShapeDtypeStruct))
-
-
-def _stacked(states: Sequence[Mapping]) -> Mapping:
-  return jax.tree.map(_stack_leaves, *states, is_leaf=_IS_LEAF)
-
-
-def _blocks_as(blocks: Mapping, scanned: bool) -> Mapping:
-  if _is_unrolled(blocks) == (not scanned):
-    return blocks
-  if scanned:
-    return _stacked([blocks[key] for key in sorted(blocks, key=int)])
-  num_layers = jax.tree.leaves(blocks, is_leaf=_IS_LEAF)[0].shape[0]
-  unrolled = {i: jax.tree.map(lambda x, i=i: _slice_leaf(x, i), blocks, is_leaf=_IS_LEAF)
-              for i in range(num_layers)}
-  return nnx.State(unrolled) if isinstance(blocks, nnx.State) else unrolled
-
-
-def blocks_layout(tree: Any, scanned: bool) -> Any:
-  """``tree`` with every ``DecoderLM``'s ``blocks`` in the scanned layout (one block, stacked
-  along a leading ``layers`` axis) or the unrolled one (blocks ``0 .. n-1``): a model's state,
-  a train state (optimizer moments included) or a checkpoint's restore target; arrays are
-  stacked or sliced, ShapeDtypeStructs and parameter metadata get the other layout's shape and
-  sharding. Both layouts hold the same numbers, so converting is exact both ways."""
-  if isinstance(tree, Mapping):
-    items = {key: _blocks_as(value, scanned) if key == "blocks" and isinstance(value, Mapping)
-             else blocks_layout(value, scanned) for key, value in _items(tree)}
-    return nnx.State(items) if isinstance(tree, nnx.State) else items
-  children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
-  if jax.tree_util.treedef_is_leaf(treedef):
-    return tree
-  return treedef.unflatten([blocks_layout(child, scanned) for child in children])
-
-
-def scanned_layout(tree: Any) -> bool | None:
-  """Whether the LM blocks in ``tree`` are in the scanned layout (None: it holds none)."""
-  if isinstance(tree, Mapping):
-    for key, value in _items(tree):
-      found = (not _is_unrolled(value) if key == "blocks" and isinstance(value, Mapping)
-               else scanned_layout(value))
-      if found is not None:
-        return found
-    return None
-  children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
-  if jax.tree_util.treedef_is_leaf(treedef):
-    return None
-  return next((f for f in map(scanned_layout, children) if f is not None), None)
-
-
 def make_norm(cfg: ml_collections.ConfigDict, **kw) -> layers.LayerNorm | layers.RMSNorm:
   """The family's norm over ``embed_dim``: RMSNorm (LLaMA), LayerNorm without bias (MPT) or with."""
   if cfg.family == "llama":
     return layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, **kw)
   return layers.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, use_bias=cfg.family != "mpt", **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inserted:
+  """Blocks a caller runs before some of the LM's blocks (Flamingo's gated blocks).
+
+  layers: the LM blocks they run before, ascending.
+  apply: ``(j, h) -> h`` runs the j-th of them.
+  stacked, apply_stacked: optional; ``stacked()`` gives their per-block inputs (parameters,
+    media keys and values) stacked along a leading axis, and ``apply_stacked(inputs_j, h)`` runs
+    one from its slice. With them a scanned LM scans whole groups (an inserted block and the LM
+    blocks up to the next one) instead of scanning each run of LM blocks on its own.
+  """
+  layers: Sequence[int]
+  apply: Callable[[int, jax.Array], jax.Array]
+  stacked: Callable[[], Any] | None = None
+  apply_stacked: Callable[[Any, jax.Array], jax.Array] | None = None
 
 
 class DecoderLM(nnx.Module):
@@ -293,7 +211,7 @@ class DecoderLM(nnx.Module):
                            if cfg.family == "gpt2" else None)
     blocks = [DecoderBlock(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)]
     self.scan_layers = scan_layers
-    self.blocks = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
+    self.blocks = scan.stack_modules(blocks) if scan_layers else nnx.List(blocks)
     self.final_norm = make_norm(cfg, **kw)
     self.alibi_bias_max = cfg.alibi_bias_max if cfg.family == "mpt" else None
     self.lm_head = (None if cfg.tie_word_embeddings else
@@ -308,9 +226,7 @@ class DecoderLM(nnx.Module):
     return self.token_embed(input_ids)
 
   def forward_embeddings(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                         cache: LMCache | None = None,
-                         before_block: Callable[[int, jax.Array], jax.Array] | None = None,
-                         before_layers: Sequence[int] | None = None,
+                         cache: LMCache | None = None, inserted: Inserted | None = None,
                          prefix_end: jax.Array | None = None,
                          ) -> tuple[jax.Array, LMCache | None]:
     """Runs the layers over token embeddings.
@@ -323,9 +239,7 @@ class DecoderLM(nnx.Module):
         to everything valid cached before them (prefill: a fresh cache; decode: L = 1). The caller
         keeps ``cache.index + L <= cache.max_length``: under jit it cannot be checked, and a write
         past the end would be clamped onto the last slots.
-      before_block: ``(i, h) -> h`` applied right before block i (Flamingo's gated blocks).
-      before_layers: the blocks ``before_block`` acts on (None: any); a scanned LM scans the
-        runs of blocks between them.
+      inserted: blocks run before some of these (Flamingo's gated blocks; ``Inserted``).
       prefix_end: int [B] or None; a prefix LM's boundary in slots (``causal_mask``).
 
     Returns:
@@ -362,12 +276,12 @@ class DecoderLM(nnx.Module):
       h = h + self.position_embed(positions)
     run_block = remat_lib.rematerialise(DecoderBlock.__call__, self.remat)
     if self.scan_layers and cache is None:
-      return self.final_norm(self._scan(h, positions, mask, bias, before_block,
-                                        before_layers, run_block)), None
+      return self.final_norm(self._scan(h, positions, mask, bias, inserted, run_block)), None
+    slot = {layer: j for j, layer in enumerate(inserted.layers)} if inserted else {}
     new_k, new_v = [], []
     for i, block in enumerate(self._unstacked()):
-      if before_block is not None:
-        h = before_block(i, layers.materialize_gradient(h))
+      if i in slot:
+        h = inserted.apply(slot[i], layers.materialize_gradient(h))
       kv = None if cache is None else (cache.k[i], cache.v[i])
       h, kv = run_block(block, layers.materialize_gradient(h), positions, mask, kv, index, bias)
       if kv is not None:
@@ -380,20 +294,14 @@ class DecoderLM(nnx.Module):
 
   def _unstacked(self) -> Sequence[DecoderBlock]:
     """The blocks one by one (a scanned LM's sliced from the stack: decoding with a cache)."""
-    if not self.scan_layers:
-      return self.blocks
-    graphdef, state = nnx.split(self.blocks)
-    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
-            for i in range(self.cfg.num_layers)]
+    return scan.unstack(self.blocks) if self.scan_layers else self.blocks
 
-  def _scan(self, h, positions, mask, bias, before_block, before_layers, run_block):
-    """The stacked blocks under ``lax.scan``: one scan over all of them without
-    ``before_block``, else one per run of blocks between the layers it acts on (every layer
-    when ``before_layers`` is None)."""
+  def _scan(self, h, positions, mask, bias, inserted, run_block):
+    """The stacked blocks under ``lax.scan``. With inserted blocks: the LM blocks before the
+    first one, then one scan over the groups of equal length (an inserted block and the LM
+    blocks up to the next, themselves scanned), then the shorter last group if any; without
+    ``inserted.stacked``, each run of LM blocks between two inserted blocks is scanned apart."""
     n = self.cfg.num_layers
-    starts = [0]
-    if before_block is not None:
-      starts = sorted(set(range(n) if before_layers is None else before_layers) | {0})
     graphdef, state = nnx.split(self.blocks)
 
     def body(h, layer_state):
@@ -401,11 +309,36 @@ class DecoderLM(nnx.Module):
       h, _ = run_block(block, layers.materialize_gradient(h), positions, mask, None, 0, bias)
       return h, None
 
-    for start, end in zip(starts, starts[1:] + [n]):
-      if before_block is not None:
-        h = before_block(start, layers.materialize_gradient(h))
-      segment = jax.tree.map(lambda x, a=start, b=end: x[a:b], state)
-      h, _ = jax.lax.scan(body, h, segment)
+    def scan_blocks(h, start, end):
+      if end > start:
+        h, _ = jax.lax.scan(body, h, jax.tree.map(lambda x: x[start:end], state))
+      return h
+
+    if not inserted or not inserted.layers:
+      return scan_blocks(h, 0, n)
+    starts = list(inserted.layers)
+    spans = list(zip(starts, starts[1:] + [n]))
+    h = scan_blocks(h, 0, starts[0])
+    size = spans[0][1] - spans[0][0]
+    groups = next((j for j, (a, b) in enumerate(spans) if b - a != size), len(spans))
+    if inserted.stacked is None or groups < 2:
+      groups = 0
+    else:
+      first = starts[0]
+      lm_states = jax.tree.map(
+          lambda x: x[first:first + groups * size].reshape(groups, size, *x.shape[1:]), state)
+      inputs = jax.tree.map(lambda x: x[:groups], inserted.stacked())
+
+      def group(h, xs):
+        block_inputs, group_states = xs
+        h = inserted.apply_stacked(block_inputs, layers.materialize_gradient(h))
+        h, _ = jax.lax.scan(body, h, group_states)
+        return h, None
+
+      h, _ = jax.lax.scan(group, h, (inputs, lm_states))
+    for j in range(groups, len(spans)):
+      h = inserted.apply(j, layers.materialize_gradient(h))
+      h = scan_blocks(h, *spans[j])
     return h
 
   def logits(self, hidden: jax.Array) -> jax.Array:

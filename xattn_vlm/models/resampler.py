@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from xattn_vlm.models import remat as remat_lib
+from xattn_vlm.models import scan
 from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, check_attention,
                                      constrain, dot_product_attention, materialize_gradient,
                                      param)
@@ -124,11 +126,14 @@ class PerceiverResampler(nnx.Module):
   The width is ``cfg.width`` or, when that is None, ``input_dim``. When the two differ a bias-free
   input projection maps the features to the width first: the latents, the attention residual
   stream and the keys/values all live at one width (Flamingo runs its resampler at 1536 wide over
-  wider vision features). ``attention`` is ``config.model.attention`` (``layers.attend``).
+  wider vision features). ``attention`` is ``config.model.attention`` (``layers.attend``);
+  ``scan_layers`` stacks the layers and runs them under ``lax.scan`` (``models.scan``), each
+  under the ``remat`` policy (``models.remat``).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, input_dim: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto"):
+               dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto",
+               scan_layers: bool = False, remat: str | bool = "none"):
     width = cfg.width or input_dim
     self.input_dim = input_dim
     self.width = width
@@ -149,8 +154,12 @@ class PerceiverResampler(nnx.Module):
     self.media_time_embs = (
         param(rngs, nnx.initializers.normal(0.02), (cfg.max_num_media, width),
               ("media", "embed"), param_dtype) if cfg.max_num_media else None)
-    self.layers = nnx.List([PerceiverResamplerLayer(cfg, width, attention=attention, **kw)
-                            for _ in range(cfg.depth)])
+    resampler_layers = [PerceiverResamplerLayer(cfg, width, attention=attention, **kw)
+                        for _ in range(cfg.depth)]
+    self.scan_layers = scan_layers and bool(resampler_layers)
+    self.remat = remat_lib.policy_name(remat)
+    self.layers = (scan.stack_modules(resampler_layers) if self.scan_layers
+                   else nnx.List(resampler_layers))
     self.norm = LayerNorm(width, eps=NORM_EPS, **kw)
 
   def __call__(self, features: jax.Array, media_mask: jax.Array | None = None) -> jax.Array:
@@ -196,6 +205,14 @@ class PerceiverResampler(nnx.Module):
 
     media = x.reshape(b * t, f * p, self.width)  # media resampled independently
     latents = self.latents[...].astype(self.dtype)  # [n, D], the same for every medium
-    for layer in self.layers:
-      latents = layer(media, materialize_gradient(latents), media_mask)  # [B*T, n, D]
+    step = lambda layer, latents: layer(media, materialize_gradient(latents), media_mask)
+    if self.scan_layers:
+      # A scan keeps each layer's residuals (the normalised media and their keys and values,
+      # [M, S, D] each) for the backward pass, where the unrolled layers leave XLA free to
+      # recompute them; remat bounds that. The carry keeps one shape: every medium's latents.
+      latents = scan.run(self.layers, remat_lib.rematerialise(step, self.remat),
+                         jnp.broadcast_to(latents, (media.shape[0], *latents.shape)))
+    else:
+      for layer in self.layers:
+        latents = step(layer, latents)  # [B*T, n, D]
     return self.norm(latents).reshape(b, t, -1, self.width)

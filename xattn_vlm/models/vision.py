@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from xattn_vlm.models import remat as remat_lib
+from xattn_vlm.models import scan
 from xattn_vlm.models.layers import (MLP, Dense, LayerNorm, batch_axes, check_attention,
                                      constrain, dot_product_attention, param)
 
@@ -80,11 +81,13 @@ class VisionEncoder(nnx.Module):
   Patches are cut in row-major order (as CLIP's strided convolution flattens them), embedded by
   one bias-free linear map, prefixed by the class token and given learned position embeddings.
   ``remat`` (a ``models.remat`` policy name) recomputes each block's activations in the backward
-  pass instead of storing them; ``attention`` is ``config.model.attention`` (``layers.attend``).
+  pass instead of storing them; ``attention`` is ``config.model.attention`` (``layers.attend``);
+  ``scan_layers`` stacks the blocks and runs them under ``lax.scan`` (``models.scan``).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto"):
+               param_dtype=jnp.float32, remat: str | bool = "none", attention: str = "auto",
+               scan_layers: bool = False):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"vision image_size ({cfg.image_size}) must be a multiple of patch_size "
                        f"({cfg.patch_size})")
@@ -117,8 +120,9 @@ class VisionEncoder(nnx.Module):
                                     param_dtype)
     self.pre_layrnorm = LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)  # Hugging Face's spelling.
     num_blocks = resolve_feature_layer(cfg.feature_layer, cfg.num_layers)
-    self.layers = nnx.List([EncoderBlock(cfg, attention=attention, **kw)
-                            for _ in range(num_blocks)])
+    blocks = [EncoderBlock(cfg, attention=attention, **kw) for _ in range(num_blocks)]
+    self.scan_layers = scan_layers and bool(blocks)
+    self.layers = scan.stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.post_layernorm = (LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)
                            if cfg.use_post_layernorm else None)
 
@@ -144,8 +148,11 @@ class VisionEncoder(nnx.Module):
     self._check_pixels(pixels)
     x = self.pre_layrnorm(self.embed(pixels))
     run_block = remat_lib.rematerialise(_run_block, self.remat)
-    for block in self.layers:
-      x = run_block(block, x)
+    if self.scan_layers:
+      x = scan.run(self.layers, run_block, x)
+    else:
+      for block in self.layers:
+        x = run_block(block, x)
     if self.post_layernorm is not None:
       x = self.post_layernorm(x)
     return x if self.include_class_token else x[:, 1:]

@@ -32,7 +32,7 @@ from xattn_vlm import checkpoint
 from xattn_vlm import console
 from xattn_vlm import lock
 from xattn_vlm.models import layers
-from xattn_vlm.models import lm as lm_lib
+from xattn_vlm.models import scan
 from xattn_vlm.models import parameters
 from xattn_vlm.train import checkpoint as checkpoint_lib
 from xattn_vlm.train import configs
@@ -171,9 +171,9 @@ def load_pretrained(s: Setup, tower: stages_lib.Pretrained) -> nnx.State:
   if tower.hf_loader is not None:
     module = nnx.eval_shape(lambda: stages_lib.build_tower(s.config, tower.model_key))
     tower.hf_loader(module, tower.path)
-    # The tower is built unrolled; a scanned LM takes its blocks stacked.
-    loaded = jax.device_put(lm_lib.blocks_layout(nnx.state(module, nnx.Param),
-                                                 bool(lm_lib.scanned_layout(abstract))), sharding)
+    # The tower is built unrolled; a scanned model takes its layers stacked.
+    loaded = jax.device_put(scan.layout(nnx.state(module, nnx.Param),
+                                        bool(scan.scanned_layout(abstract))), sharding)
   else:
     target = checkpoint.abstract_with_shardings(abstract, sharding)
     loaded = checkpoint.load_params(
