@@ -69,6 +69,11 @@ def _remat_flops(config: ml_collections.ConfigDict, shapes) -> float:
   return total
 
 
+def executed_flops(config: ml_collections.ConfigDict, shapes) -> float:
+  """The step's FLOPs on all devices as executed: the model's and what remat recomputes."""
+  return flops_lib.step_flops(config, shapes) + _remat_flops(config, shapes)
+
+
 def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
                   top: int = 8) -> plans.Plan:
   """An estimate for ``count`` GPUs of kind ``gpu`` (a ``GPU_CHIPS`` key), without XLA.
@@ -99,7 +104,7 @@ def analytic_plan(config: ml_collections.ConfigDict, gpu: str, count: int,
                   temporaries=2 * trainable + activations, generated_code=0)
 
   model_flops = flops_lib.step_flops(config, shapes)
-  device_flops = (model_flops + _remat_flops(config, shapes)) / count
+  device_flops = executed_flops(config, shapes) / count
   # Each pass (forward, remat forward, backward) reads the tensor-parallel share of every
   # parameter once; the optimizer reads and writes the trainable state.
   params = s.abstract_state.params

@@ -165,9 +165,10 @@ def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, i
                  settings: ml_collections.ConfigDict, *, interleaved_batch: int,
                  pairs_batch: int, steps: int) -> ml_collections.ConfigDict:
   """The Flamingo stage at paper scale: bf16 compute, f32 parameters and optimizer state,
-  rematerialised blocks; interleaved documents (MMC4 layout, weight 1.0) and WebDataset image-text
-  pairs (weight 0.2); the towers and tokenizer from Hugging Face folders given on the command
-  line; ``settings.mesh`` picks a mesh of ``meshes``, ``settings.slices`` the DCN slices."""
+  rematerialised and scanned layers; interleaved documents (MMC4 layout, weight 1.0) and
+  WebDataset image-text pairs (weight 0.2); the towers and tokenizer from Hugging Face folders
+  given on the command line; ``settings.mesh`` picks a mesh of ``meshes``, ``settings.slices``
+  the DCN slices."""
   if settings.mesh not in meshes:
     raise ValueError(f"config preset mesh={settings.mesh!r}: expected one of {sorted(meshes)}")
   config = base_config()
@@ -176,6 +177,7 @@ def paper_config(model: ml_collections.ConfigDict, meshes: dict[str, dict[str, i
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "float32"
   config.model.remat = "full"
+  config.model.scan_layers = True  # compiles a few blocks of each kind instead of every block
   config.mesh.update(meshes[settings.mesh])
   config.mesh.dcn_data = settings.slices
   config.data.max_tokens = 256
