@@ -15,7 +15,7 @@ COMMAND: python -m benchmarks.plan_table \
     --configs=flamingo_3b,openflamingo_9b,flamingo_9b,flamingo_80b \
     --topologies=v5p:2x2x2,v5p:2x4x4,v5p:4x4x8,v5p:8x8x8 --after_fit=0
 (the defaults; add e.g. v5e:4x4,v5e:8x8,v5e:16x16 for a second generation). One paper-size compile
-takes 18-23 minutes and up to 13 GiB of memory on a 2-core host: the layers are unrolled.
+of the scanned paper configs takes 4-6 minutes and up to 11 GB of memory on a 2-core host.
 """
 
 from __future__ import annotations
