@@ -30,8 +30,9 @@ One stage alone (the recipe runs these into <workdir>/<stage>):
 
 Presets: ``recipe`` (default), ``smoke`` (the recipe in a minute or two, for the end-to-end
 test), or one stage, optionally with ``steps=N`` (e.g. ``:flamingo,steps=20``). ``fusion`` and
-``fusion_smoke``: the recipe's and the smoke recipe's settings with ``fusion_modes``, for the
-comparison of the trained fusion modes (docs/model.md, "Fusion modes"):
+``fusion_smoke``: the recipe's and the smoke recipe's settings with ``fusion_modes`` and
+``training_free``, for the comparison of the fusion modes, trained and training-free
+(docs/model.md, "Fusion modes"):
   python -m xattn_vlm.recipe.fusion --config=experiments/shapes_tiny.py:fusion \
       --workdir=runs/fusion_compare
 """
@@ -146,7 +147,11 @@ def get_config(arg=None):
                        f"{settings.preset} preset fixes its own")
     config = recipe_config(smoke=settings.preset.endswith("smoke"))
     if settings.preset.startswith("fusion"):
-      config.fusion_modes = "xattn,prefix,joint"
+      config.fusion_modes = "xattn,prefix,joint,magic,socratic"
+      # MAGiC's captions start with an opening of the world's captions (the LM pretrained on
+      # them); the similarity's weight is the library's default, untuned.
+      config.training_free = dict(caption_prompt="An image with", magic_weight=1.0,
+                                  magic_candidates=8)
     return config
   if settings.preset not in configs.STAGES:
     raise ValueError(f"config preset {arg!r}: expected recipe, smoke, fusion, fusion_smoke or "

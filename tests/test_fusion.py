@@ -11,14 +11,15 @@ from helpers import experiment_config, leaves, tiny
 from test_sequence import ids_of, image, word_tokenizer
 
 from xattn_vlm.data import default_tokenizer, sequence
-from xattn_vlm.inference import (MagicConfig, Processor, greedy_text, magic_tokens,
-                                 socratic_answer, socratic_prompt)
+from xattn_vlm.inference import (MagicConfig, Processor, greedy_text, magic_generate,
+                                 magic_tokens, socratic_answer, socratic_prompt)
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models import flamingo as flamingo_lib
 from xattn_vlm.models.contrastive import DualEncoder
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.models.lm import DecoderLM
 from xattn_vlm.recipe import fusion as fusion_recipe
+from xattn_vlm.recipe import training_free as training_free_recipe
 from xattn_vlm.train import configs, stages, trainer
 
 V = model_config.tiny().lm.vocab_size
@@ -374,6 +375,39 @@ def test_socratic_prompt_puts_captions_and_demos_in_the_frozen_lms_prompt():
   assert answers[0] == expected.split("\n")[0].strip()
   with pytest.raises(ValueError, match="one per image"):
     socratic_answer(lm, processor, lambda images: [], ["red"], ["q"])
+  # The shapes world's own QA layout, as the fusion comparison writes it.
+  shapes = socratic_prompt("A red star.", "What colour is it?",
+                           [("A blue heart.", "Shape?", "heart")],
+                           template=training_free_recipe.SHAPES_QA, separator=" ")
+  assert shapes == ("A blue heart. Question:Shape? Short answer:heart "
+                    "A red star. Question:What colour is it? Short answer:")
+  with pytest.raises(ValueError, match="must end with"):
+    socratic_prompt("c", "q", template="{answer} {context} {question}")
+
+
+def test_the_magic_captioner_decodes_each_image_once_in_batches_of_one_shape():
+  tokenizer = default_tokenizer()
+  text = model_config.lm_config(family="gpt2", vocab_size=tokenizer.lm_vocab_size, num_layers=1,
+                                embed_dim=16, num_heads=2, mlp_dim=32, max_length=64)
+  lm = DecoderLM(text, rngs=nnx.Rngs(0))
+  vision = model_config.tiny().vision
+  towers = DualEncoder(vision, text, embed_dim=16, init_temperature=0.07, rngs=nnx.Rngs(1))
+  processor = Processor(tokenizer, image_size=vision.image_size, image_mean=(0.5,) * 3,
+                        image_std=(0.5,) * 3, max_length=64)
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (vision.image_size,) * 2 + (3,), dtype=np.uint8)
+            for _ in range(3)]
+  settings = dict(weight=1.0, num_candidates=4, max_new_tokens=4)
+  captioner = training_free_recipe.MagicCaptioner(lm, towers, processor, prompt="An image with",
+                                                  batch_size=2, **settings)
+  captions = captioner([images[0], images[1], images[0], images[2]])
+  assert len(captioner.captions) == 3 and captions[0] == captions[2]
+  # The last batch held images[2] and a copy of it: the same as decoding it in such a batch.
+  alone = magic_generate(lm, towers, processor, ["An image with"] * 2, [images[2]] * 2,
+                         **settings).text[0]
+  assert captions[3] == f"An image with{alone}".strip()
+  assert captioner([images[2], images[1]]) == [captions[3], captions[1]]
+  assert len(captioner.captions) == 3
 
 
 @pytest.mark.slow
@@ -394,7 +428,8 @@ def test_the_trainer_trains_what_the_mode_says(tmp_path, fusion):
 @pytest.mark.slow
 def test_the_fusion_comparison_writes_its_table_and_plot(tmp_path):
   """The comparison (``experiments/shapes_tiny.py:fusion_smoke``), cut to a few steps and
-  queries: a row per trained mode with its parameters, times and scores, and the plot."""
+  queries: a row per trained mode with its parameters, times and scores, the training-free rows
+  with theirs (no parameters, no step time), and the plot."""
   config = experiment_config("shapes_tiny", "fusion_smoke")
   for stage in config.stages.values():
     stage.total_steps = 4
@@ -404,15 +439,25 @@ def test_the_fusion_comparison_writes_its_table_and_plot(tmp_path):
   config.eval.shapes.pool_size = 32
   config.eval.batch_size = 4
   rows = fusion_recipe.run(config, str(tmp_path))
-  assert list(rows) == ["xattn", "prefix", "joint"]
+  assert list(rows) == ["xattn", "prefix", "joint", "magic", "socratic"]
   trainable = {mode: row["trainable_parameters"] for mode, row in rows.items()}
   assert trainable["prefix"] < trainable["xattn"] < trainable["joint"]
-  for row in rows.values():
-    assert set(row["results"]) == {"shapes_captioning", "shapes_vqa", "shapes_binding"}
-    assert all(set(by_shot) == {0, 4} for by_shot in row["results"].values())
-    assert row["step_time"] > 0 and row["eval_seconds"] > 0
+  assert trainable["magic"] == trainable["socratic"] == 0
+  tasks = {"shapes_captioning", "shapes_vqa", "shapes_binding"}
+  for mode in ("xattn", "prefix", "joint"):
+    assert set(rows[mode]["results"]) == tasks
+    assert all(set(by_shot) == {0, 4} for by_shot in rows[mode]["results"].values())
+    assert rows[mode]["step_time"] > 0 and rows[mode]["eval_seconds"] > 0
+  assert rows["magic"]["results"].keys() == {"shapes_captioning"}
+  assert rows["magic"]["results"]["shapes_captioning"].keys() == {0}
+  assert rows["socratic"]["results"].keys() == {"shapes_vqa", "shapes_binding"}
+  for mode in ("magic", "socratic"):
+    assert np.isnan(rows[mode]["step_time"]) and rows[mode]["eval_seconds"] > 0
+    scores = [v for by_shot in rows[mode]["results"].values() for v in by_shot.values()]
+    assert scores and all(0 <= v <= 1000 for v in scores)
   text = (tmp_path / fusion_recipe.TABLE).read_text()
   assert all(f"\n| {mode} | {trainable[mode]:,} |" in text for mode in rows)
+  assert "\n| magic | 0 | – |" in text
   assert "VQA accuracy (%), 4-shot" in text
   assert (tmp_path / fusion_recipe.FIGURE).stat().st_size > 10_000
   with pytest.raises(ValueError, match="config.fusion_modes"):

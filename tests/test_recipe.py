@@ -157,7 +157,7 @@ def test_image_reliance_is_exactly_blind_with_gates_at_zero_and_sees_with_gates_
   config.data.datasets = {"vqa": dict(config.data.datasets.vqa.to_dict(), batch_size=8)}
   params = trainer.create_train_state(trainer.setup(config)).params
 
-  closed = diagnostics.image_reliance(config, recipe.flamingo_model(config, params),
+  closed = diagnostics.image_reliance(config, recipe.stage_model(config, params),
                                        num_batches=1)
   assert closed["questions"] == 8
   assert closed["own_nll"] == closed["swapped_nll"]
@@ -166,7 +166,7 @@ def test_image_reliance_is_exactly_blind_with_gates_at_zero_and_sees_with_gates_
   opened = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.ones_like(x) if sharding.path_name(path).endswith("attn_gate") else x,
       params)
-  seen = diagnostics.image_reliance(config, recipe.flamingo_model(config, opened),
+  seen = diagnostics.image_reliance(config, recipe.stage_model(config, opened),
                                      num_batches=1)
   assert seen["own_nll"] != seen["swapped_nll"]
 

@@ -217,28 +217,36 @@ def magic_generate(lm: DecoderLM, towers: DualEncoder, processor: Processor,
 
 # -- PICa / Socratic -----------------------------------------------------------------------------
 
-SOCRATIC_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+SOCRATIC_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer: {answer}"
 
 
 def socratic_prompt(context: str, question: str,
-                    demos: Sequence[tuple[str, str, str]] = ()) -> str:
+                    demos: Sequence[tuple[str, str, str]] = (), *,
+                    template: str = SOCRATIC_TEMPLATE, separator: str = "\n\n") -> str:
   """The frozen LM's prompt: each demonstration ``(context, question, answer)`` as text, then the
-  query, in PICa's layout (``SOCRATIC_TEMPLATE``; demonstrations end with their answer and a
-  blank line)."""
-  shots = "".join(SOCRATIC_TEMPLATE.format(context=c, question=q) + f" {a}\n\n"
+  query. ``template`` (PICa's layout by default) has ``{context}``, ``{question}`` and, at its
+  end, ``{answer}``; demonstrations are followed by ``separator``, and the query stops where its
+  answer would start (trailing spaces dropped)."""
+  for field in ("{context}", "{question}", "{answer}"):
+    if field not in template:
+      raise ValueError(f"template must hold {field}, got {template!r}")
+  if not template.endswith("{answer}"):
+    raise ValueError(f"template must end with {{answer}}, got {template!r}")
+  shots = "".join(template.format(context=c, question=q, answer=a) + separator
                   for c, q, a in demos)
-  return shots + SOCRATIC_TEMPLATE.format(context=context, question=question)
+  return shots + template.format(context=context, question=question, answer="").rstrip(" ")
 
 
 def socratic_answer(lm: DecoderLM, processor: Processor,
                     captioner: Callable[[Sequence[ImageLike]], Sequence[str]],
                     images: Sequence[ImageLike], questions: Sequence[str],
                     demos: Sequence[tuple[ImageLike, str, str]] = (), *,
-                    max_new_tokens: int = 8) -> list[str]:
+                    max_new_tokens: int = 8, template: str = SOCRATIC_TEMPLATE,
+                    separator: str = "\n\n") -> list[str]:
   """Answers ``questions`` about ``images`` with a frozen text-only LM: ``captioner`` (images ->
   one text each: a Flamingo-family model's captions, MAGiC's, a classifier's labels) describes
-  every query and demonstration image once; the LM reads ``socratic_prompt`` and answers
-  greedily up to the end of the line."""
+  every query and demonstration image once; the LM reads ``socratic_prompt`` (with ``template``
+  and ``separator``) and answers greedily up to the end of the line."""
   if len(images) != len(questions):
     raise ValueError(f"images and questions must pair up: {len(images)} images but "
                      f"{len(questions)} questions")
@@ -248,7 +256,7 @@ def socratic_answer(lm: DecoderLM, processor: Processor,
     raise ValueError(f"the captioner returned {len(contexts)} texts for "
                      f"{len(demo_images) + len(images)} images: it must return one per image")
   shots = [(contexts[i], q, a) for i, (_, q, a) in enumerate(demos)]
-  prompts = [socratic_prompt(context, question, shots)
+  prompts = [socratic_prompt(context, question, shots, template=template, separator=separator)
              for context, question in zip(contexts[len(demos):], questions)]
   out = greedy_text(lm, processor, prompts, max_new_tokens=max_new_tokens)
   return [text.split("\n")[0].strip() for text in out.text]

@@ -39,10 +39,10 @@ from xattn_vlm.eval import runner
 from xattn_vlm.inference import Processor
 from xattn_vlm.models import convert
 from xattn_vlm.models import gguf_file
-from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.recipe import diagnostics
 from xattn_vlm.recipe import report
 from xattn_vlm.train import input_pipeline
+from xattn_vlm.train import stages
 from xattn_vlm.train import trainer
 from xattn_vlm.train.configs import STAGES
 
@@ -90,10 +90,11 @@ def check(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     gguf_file.check_lm_config(flamingo.model.lm, stored, path)
 
 
-def flamingo_model(config: ml_collections.ConfigDict, params: nnx.State) -> Flamingo:
-  """A Flamingo-stage train state's parameters as a model (built abstractly, nothing initialised)
-  to evaluate and diagnose."""
-  abstract = nnx.eval_shape(lambda: Flamingo(config.model, rngs=nnx.Rngs(0)))
+def stage_model(config: ml_collections.ConfigDict, params: nnx.State) -> nnx.Module:
+  """A train state's parameters as its stage's model (``config.stage``; built abstractly,
+  nothing initialised) to evaluate and diagnose."""
+  build = stages.get_stage(config.stage).build_model
+  abstract = nnx.eval_shape(lambda: build(config, nnx.Rngs(0)))
   graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
   return nnx.merge(graphdef, params, rest)
 
@@ -161,7 +162,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int) ->
   began = time.perf_counter()
   console.say(f"evaluation: {config.eval.tasks} at {', '.join(map(str, config.eval.shots))} shots "
               f"into {workdir / 'eval'}")
-  model = flamingo_model(flamingo, state.params)
+  model = stage_model(flamingo, state.params)
   results = runner.evaluate(model, processor, config.eval, workdir / "eval",
                             model_name="shapes_tiny")
   seconds["eval"] = time.perf_counter() - began
@@ -172,7 +173,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int) ->
   baseline_config = ml_collections.ConfigDict(config.eval.to_dict())
   baseline_config.tasks = config.baseline_tasks
   untrained = trainer.create_train_state(trainer.setup(flamingo))
-  baselines = runner.evaluate(flamingo_model(flamingo, untrained.params), processor,
+  baselines = runner.evaluate(stage_model(flamingo, untrained.params), processor,
                               baseline_config, workdir / "eval_untrained",
                               model_name="untrained")
   seconds["eval_untrained"] = time.perf_counter() - began

@@ -1,12 +1,15 @@
-"""The trained fusion modes compared on one backbone, one budget and one evaluation.
+"""The fusion modes compared on one backbone, one budget and one evaluation.
 
 ``python -m xattn_vlm.recipe.fusion --config=experiments/shapes_tiny.py:fusion --workdir=DIR``
 
 Trains ``lm_pretrain`` and ``vision_pretrain`` once (into ``DIR/<stage>``, as the recipe does),
-then the Flamingo stage once per mode of ``config.fusion_modes`` (into ``DIR/flamingo_<mode>``:
-the same data, steps and pretrained towers, ``config.model.fusion`` set to the mode), evaluates
-each with the recipe's evaluation (``DIR/eval_<mode>``) and writes ``fusion.md`` (a table:
-trainable parameters, median step time, evaluation time, each task's score per shot count),
+then the Flamingo stage once per trained mode of ``config.fusion_modes`` (into
+``DIR/flamingo_<mode>``: the same data, steps and pretrained towers, ``config.model.fusion`` set
+to the mode) and evaluates each with the recipe's evaluation (``DIR/eval_<mode>``). The
+training-free modes (``magic``, ``socratic``: ``recipe.training_free``, settings in
+``config.training_free``) run on the pretrained towers alone, on the same queries. It writes
+``fusion.md`` (a table: trainable parameters, median step time, evaluation time, each task's
+score per shot count; a dash where a mode has no such row or score),
 ``fusion.png`` (score against shots per task, a line per mode) and ``fusion.json``. A rerun
 resumes or skips what is done, as the recipe does.
 """
@@ -29,10 +32,12 @@ from xattn_vlm import console
 from xattn_vlm import lock
 from xattn_vlm import recipe
 from xattn_vlm.eval import runner
+from xattn_vlm.eval import tasks
 from xattn_vlm.inference import Processor
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models import parameters
 from xattn_vlm.recipe import report
+from xattn_vlm.recipe import training_free
 from xattn_vlm.train import input_pipeline
 from xattn_vlm.train import metrics as train_metrics
 from xattn_vlm.train import trainer
@@ -41,12 +46,12 @@ TABLE, FIGURE, SUMMARY = "fusion.md", "fusion.png", "fusion.json"
 
 
 def modes(config: ml_collections.ConfigDict) -> list[str]:
-  """``config.fusion_modes`` ("xattn,prefix,joint") as a checked list."""
+  """``config.fusion_modes`` ("xattn,prefix,joint,magic,socratic") as a checked list."""
   names = [m.strip() for m in config.fusion_modes.split(",")]
+  known = (*model_config.FUSION_MODES, *training_free.MODES)
   for name in names:
-    if name not in model_config.FUSION_MODES:
-      raise ValueError(f"config.fusion_modes: expected modes from {model_config.FUSION_MODES}, "
-                       f"got {name!r}")
+    if name not in known:
+      raise ValueError(f"config.fusion_modes: expected modes from {known}, got {name!r}")
   return names
 
 
@@ -59,12 +64,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   names = modes(config)
+  pretrained = {}
   for stage in ("lm_pretrain", "vision_pretrain"):
     stage_cfg = recipe.stage_config(config, stage, workdir)
-    if int(trainer.train(stage_cfg, str(workdir / stage)).step) < stage_cfg.total_steps:
+    state = trainer.train(stage_cfg, str(workdir / stage))
+    if int(state.step) < stage_cfg.total_steps:
       return {"stopped": stage}
+    pretrained[stage] = recipe.stage_model(stage_cfg, state.params)
   rows = {}
-  for mode in names:
+  for mode in (name for name in names if name in model_config.FUSION_MODES):
     cfg = recipe.stage_config(config, "flamingo", workdir)
     cfg.model.fusion = mode
     run_dir = workdir / f"flamingo_{mode}"
@@ -73,7 +81,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
       return {"stopped": f"flamingo_{mode}"}
     processor = Processor.from_model_config(cfg.model, input_pipeline.tokenizer_for(cfg))
     began = time.perf_counter()
-    results = runner.evaluate(recipe.flamingo_model(cfg, state.params), processor, config.eval,
+    results = runner.evaluate(recipe.stage_model(cfg, state.params), processor, config.eval,
                               workdir / f"eval_{mode}", model_name=mode)
     step_times = [r["step_time"] for r in train_metrics.read_metrics(str(run_dir))
                   if "step_time" in r]
@@ -81,14 +89,44 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         "trainable_parameters": parameters.count_parameters(cfg.model)["trainable"],
         "step_time": statistics.median(step_times) if step_times else float("nan"),
         "eval_seconds": time.perf_counter() - began,
-        "results": {task: {int(s): float(np.mean(v)) for s, v in by_shot.items()}
-                    for task, by_shot in results.items()},
+        "results": _means(results),
     }
+  free = [name for name in names if name in training_free.MODES]
+  if free:
+    rows.update(_training_free_rows(config, workdir, free, pretrained))
+  rows = {name: rows[name] for name in names}
   (workdir / TABLE).write_text(table(rows))
   plot(rows, workdir / FIGURE)
   (workdir / SUMMARY).write_text(json.dumps(rows, indent=2) + "\n")
   console.say(f"fusion comparison: {workdir / TABLE}")
   return rows
+
+
+def _means(results: dict[str, dict[Any, list[float]]]) -> dict[str, dict[int, float]]:
+  """Each task's score per shot count, the mean over trials."""
+  return {task: {int(s): float(np.mean(v)) for s, v in by_shot.items()}
+          for task, by_shot in results.items()}
+
+
+def _training_free_rows(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        names: list[str], pretrained: dict[str, Any]) -> dict[str, dict]:
+  """The rows of the training-free modes: nothing trains, so no parameters and no step time;
+  their evaluation time is shared (each image is captioned once for both)."""
+  cfg = recipe.stage_config(config, "flamingo", workdir)
+  processor = Processor.from_model_config(cfg.model, input_pipeline.tokenizer_for(cfg))
+  began = time.perf_counter()
+  data: dict[str, Any] = {}
+
+  def load_data(task: str):
+    if task not in data:
+      data[task] = tasks.load_data(task, config.eval, processor.image_size)
+    return data[task]
+
+  results = training_free.evaluate(pretrained["lm_pretrain"], pretrained["vision_pretrain"],
+                                   processor, config.eval, names, config.training_free, load_data)
+  seconds = time.perf_counter() - began
+  return {name: {"trainable_parameters": 0, "step_time": float("nan"), "eval_seconds": seconds,
+                 "results": _means(results[name])} for name in names}
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
@@ -99,12 +137,16 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
       f"{report.TITLES.get(task, task)}, {shots}-shot" for task, shots in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for mode, row in rows.items():
-    cells = [mode, f"{row['trainable_parameters']:,}", f"{row['step_time']:.3f}",
+    cells = [mode, f"{row['trainable_parameters']:,}", _number(row["step_time"], ".3f"),
              f"{row['eval_seconds']:.0f}"]
-    cells += [f"{row['results'].get(task, {}).get(shots, float('nan')):.1f}"
+    cells += [_number(row["results"].get(task, {}).get(shots, float("nan")), ".1f")
               for task, shots in columns]
     lines.append("| " + " | ".join(cells) + " |")
   return "# Fusion modes compared\n\n" + "\n".join(lines) + "\n"
+
+
+def _number(value: float, spec: str) -> str:
+  return "–" if np.isnan(value) else format(value, spec)
 
 
 def plot(rows: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
