@@ -316,8 +316,9 @@ def test_magic_weight_zero_is_greedy_and_a_positive_weight_raises_the_similarity
   pixels = jax.random.normal(jax.random.fold_in(key, 1), (b, size, size, 3))
 
   greedy = _greedy_reference(lm, ids, mask, num_new)
-  zero, lengths, stopped = magic_tokens(lm, towers, pixels, ids, mask,
-                                        MagicConfig(weight=0.0, max_new_tokens=num_new))
+  out = magic_tokens(lm, towers, pixels, ids, mask,
+                     MagicConfig(weight=0.0, max_new_tokens=num_new))
+  zero, lengths, stopped = out.tokens, out.lengths, out.stopped
   np.testing.assert_array_equal(np.asarray(zero), np.asarray(greedy))
   assert (np.asarray(lengths) == num_new).all() and not np.asarray(stopped).any()
 
@@ -325,8 +326,8 @@ def test_magic_weight_zero_is_greedy_and_a_positive_weight_raises_the_similarity
     image_emb, text_emb = towers(pixels, tokens, jnp.ones_like(tokens))
     return np.asarray(jnp.sum(image_emb * text_emb, axis=-1))
 
-  guided, _, _ = magic_tokens(lm, towers, pixels, ids, mask,
-                              MagicConfig(weight=5.0, max_new_tokens=num_new))
+  guided = magic_tokens(lm, towers, pixels, ids, mask,
+                        MagicConfig(weight=5.0, max_new_tokens=num_new)).tokens
   assert not np.array_equal(np.asarray(guided), np.asarray(greedy))
   gain = similarity(guided) - similarity(greedy)
   assert gain.mean() > 0 and (gain > 0).sum() > b // 2
@@ -337,12 +338,13 @@ def test_magic_stops_at_a_stop_token_and_pads_after_it():
   ids = jnp.array([[5, 6, 7]])
   size = model_config.tiny().vision.image_size
   pixels = jnp.zeros((1, size, size, 3))
-  free, _, _ = magic_tokens(lm, towers, pixels, ids, jnp.ones_like(ids),
-                            MagicConfig(weight=1.0, max_new_tokens=5))
+  free = magic_tokens(lm, towers, pixels, ids, jnp.ones_like(ids),
+                      MagicConfig(weight=1.0, max_new_tokens=5)).tokens
   stop = int(free[0, 1])
-  tokens, lengths, stopped = magic_tokens(
+  out = magic_tokens(
       lm, towers, pixels, ids, jnp.ones_like(ids),
       MagicConfig(weight=1.0, max_new_tokens=5, stop_token_ids=(stop,), pad_token_id=0))
+  tokens, lengths, stopped = out.tokens, out.lengths, out.stopped
   first = int(np.nonzero(np.asarray(free[0]) == stop)[0][0])
   np.testing.assert_array_equal(tokens[0, :first + 1], free[0, :first + 1])
   assert (np.asarray(tokens[0, first + 1:]) == 0).all()

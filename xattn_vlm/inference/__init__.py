@@ -8,11 +8,10 @@ from xattn_vlm.inference.loading import from_pretrained, import_idefics, import_
 from xattn_vlm.inference.model import InferenceModel
 from xattn_vlm.inference.processor import Batch, Processor
 from xattn_vlm.inference.scoring import Scores, score
-from xattn_vlm.inference.training_free import (MagicConfig, TextGeneration, greedy_text,
-                                               magic_generate, magic_tokens, socratic_answer,
-                                               socratic_prompt)
+from xattn_vlm.inference.training_free import (MagicConfig, greedy_text, magic_generate,
+                                               magic_tokens, socratic_answer, socratic_prompt)
 
 __all__ = ["Batch", "Generation", "GenerationConfig", "GenerationOutput", "InferenceModel",
-           "MagicConfig", "Processor", "Scores", "TextGeneration", "from_pretrained", "generate",
-           "generate_tokens", "greedy_text", "import_idefics", "import_openflamingo",
-           "magic_generate", "magic_tokens", "score", "socratic_answer", "socratic_prompt"]
+           "MagicConfig", "Processor", "Scores", "from_pretrained", "generate", "generate_tokens",
+           "greedy_text", "import_idefics", "import_openflamingo", "magic_generate",
+           "magic_tokens", "score", "socratic_answer", "socratic_prompt"]

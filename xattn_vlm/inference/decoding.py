@@ -432,7 +432,12 @@ def generate(model: Flamingo | InferenceModel, processor: Processor, prompts: Se
       stop_token_ids=tuple(stop_token_ids), pad_token_id=tokenizer.pad_token_id,
       suppress_token_ids=(tokenizer.media_token_id,), use_cache=use_cache)
   batch = processor(prompts, images, pad_to_length=pad_to_length, max_images=max_images)
-  out = jax.device_get(generate_tokens(model, batch, config, rng))
+  return decoded(tokenizer, generate_tokens(model, batch, config, rng))
+
+
+def decoded(tokenizer, out: GenerationOutput) -> Generation:
+  """A generation's arrays on the host, with each sequence's text up to its stop token."""
+  out = jax.device_get(out)
   text = [tokenizer.decode(tokens[:length - int(stopped)])
           for tokens, length, stopped in zip(out.tokens, out.lengths, out.stopped)]
   return Generation(text=text, tokens=out.tokens, log_probs=out.log_probs, lengths=out.lengths,

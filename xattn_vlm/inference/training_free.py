@@ -63,25 +63,10 @@ class MagicConfig:
                                      pad_token_id=self.pad_token_id)
 
 
-@dataclasses.dataclass(frozen=True)
-class TextGeneration:
-  """Generated continuations of B prompts (numpy arrays; N = max_new_tokens).
-
-  text: per prompt, the new text up to (not including) its stop token.
-  tokens: int32 [B, N], ``pad_token_id`` after a sequence's end.
-  lengths: int32 [B], tokens generated, the stop token included.
-  stopped: bool [B], whether the sequence ended with a stop token.
-  """
-  text: list[str]
-  tokens: np.ndarray
-  lengths: np.ndarray
-  stopped: np.ndarray
-
-
 def _decode(lm: DecoderLM, input_ids: jax.Array, attention_mask: jax.Array,
             config: decoding.GenerationConfig, choose: decoding.Choose | None = None
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Prefill the LM's cache, then ``decoding.sample_loop``: (tokens, lengths, stopped)."""
+            ) -> decoding.GenerationOutput:
+  """Prefill the LM's cache, then ``decoding.sample_loop``."""
   b, length = input_ids.shape
   cache = lm.init_cache(b, length + config.max_new_tokens)
   hidden, cache = lm.forward_embeddings(lm.embed_tokens(input_ids),
@@ -96,9 +81,8 @@ def _decode(lm: DecoderLM, input_ids: jax.Array, attention_mask: jax.Array,
                                           cache=cache)
     return lm.logits(hidden[:, -1]), (cache, t + 1)
 
-  out = decoding.sample_loop(lm.logits(hidden[:, -1]), (cache, jnp.int32(0)), step, config,
-                             jax.random.key(0), choose)
-  return out.tokens, out.lengths, out.stopped
+  return decoding.sample_loop(lm.logits(hidden[:, -1]), (cache, jnp.int32(0)), step, config,
+                              jax.random.key(0), choose)
 
 
 def candidate_scores(log_probs: jax.Array, similarity: jax.Array, weight: float) -> jax.Array:
@@ -154,20 +138,13 @@ def _text_batch(processor: Processor, prompts: Sequence[str]) -> tuple[jax.Array
   return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
 
 
-def _finish(processor: Processor, tokens, lengths, stopped) -> TextGeneration:
-  tokens, lengths, stopped = (np.asarray(x) for x in jax.device_get((tokens, lengths, stopped)))
-  text = [processor.tokenizer.decode(row[:n - int(s)]) for row, n, s in
-          zip(tokens, lengths, stopped)]
-  return TextGeneration(text=text, tokens=tokens, lengths=lengths, stopped=stopped)
-
-
 def _stop_ids(processor: Processor, stop_token_ids) -> tuple[int, ...]:
   return (processor.tokenizer.eos_token_id,) if stop_token_ids is None else tuple(stop_token_ids)
 
 
 def greedy_text(lm: DecoderLM, processor: Processor, prompts: Sequence[str], *,
                 max_new_tokens: int = 16,
-                stop_token_ids: Sequence[int] | None = None) -> TextGeneration:
+                stop_token_ids: Sequence[int] | None = None) -> decoding.Generation:
   """Greedy continuations of text prompts by a bare LM (stops at EOS by default)."""
   _check_vocabularies(lm, None, processor)
   input_ids, attention_mask = _text_batch(processor, prompts)
@@ -176,14 +153,13 @@ def greedy_text(lm: DecoderLM, processor: Processor, prompts: Sequence[str], *,
                                      stop_token_ids=_stop_ids(processor, stop_token_ids),
                                      pad_token_id=processor.tokenizer.pad_token_id)
   out = _greedy(StaticGraph(graphdef), params, input_ids, attention_mask, config)
-  return _finish(processor, *out)
+  return decoding.decoded(processor.tokenizer, out)
 
 
 def magic_tokens(lm: DecoderLM, towers: DualEncoder, pixels: jax.Array, input_ids: jax.Array,
-                 attention_mask: jax.Array, config: MagicConfig
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 attention_mask: jax.Array, config: MagicConfig) -> decoding.GenerationOutput:
   """MAGiC decoding of B left-padded prompts, one image each (pixels [B, H, W, C], the towers'
-  normalisation): (tokens [B, N], lengths [B], stopped [B])."""
+  normalisation); the log-probs are the LM's, of the tokens the re-ranking chose."""
   if pixels.ndim != 4 or pixels.shape[0] != input_ids.shape[0]:
     raise ValueError(f"pixels must be [B, H, W, C] with B = {input_ids.shape[0]} (one image per "
                      f"prompt), got shape {tuple(pixels.shape)}")
@@ -196,7 +172,7 @@ def magic_tokens(lm: DecoderLM, towers: DualEncoder, pixels: jax.Array, input_id
 def magic_generate(lm: DecoderLM, towers: DualEncoder, processor: Processor,
                    prompts: Sequence[str], images: Sequence[ImageLike], *, weight: float = 1.0,
                    num_candidates: int = 8, max_new_tokens: int = 16,
-                   stop_token_ids: Sequence[int] | None = None) -> TextGeneration:
+                   stop_token_ids: Sequence[int] | None = None) -> decoding.Generation:
   """Captions (or any continuation) of text ``prompts`` (e.g. "A picture of"), one image each,
   by MAGiC decoding. ``processor`` holds the LM's tokenizer and the towers' image size and pixel
   statistics (``Processor(tokenizer, image_size=..., image_mean=..., image_std=...,
@@ -212,7 +188,8 @@ def magic_generate(lm: DecoderLM, towers: DualEncoder, processor: Processor,
                        max_new_tokens=max_new_tokens,
                        stop_token_ids=_stop_ids(processor, stop_token_ids),
                        pad_token_id=processor.tokenizer.pad_token_id)
-  return _finish(processor, *magic_tokens(lm, towers, pixels, input_ids, attention_mask, config))
+  return decoding.decoded(processor.tokenizer,
+                          magic_tokens(lm, towers, pixels, input_ids, attention_mask, config))
 
 
 # -- PICa / Socratic -----------------------------------------------------------------------------
