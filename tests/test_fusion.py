@@ -407,7 +407,9 @@ def test_the_magic_captioner_decodes_each_image_once_in_batches_of_one_shape():
   # The last batch held images[2] and a copy of it: the same as decoding it in such a batch.
   alone = magic_generate(lm, towers, processor, ["An image with"] * 2, [images[2]] * 2,
                          **settings).text[0]
-  assert captions[3] == f"An image with{alone}".strip()
+  assert captions[3] == training_free_recipe.first_sentence(f"An image with{alone}")
+  assert training_free_recipe.first_sentence(" A red star. Then more") == "A red star."
+  assert training_free_recipe.first_sentence("no stop ") == "no stop"
   assert captioner([images[2], images[1]]) == [captions[3], captions[1]]
   assert len(captioner.captions) == 3
 

@@ -3,7 +3,7 @@ time only (``inference.training_free``), scored on the evaluation's own shapes-w
 
 * ``magic``: captions by MAGiC decoding of the frozen LM (``lm_pretrain``) re-ranked by the
   contrastive towers (``vision_pretrain``), from ``caption_prompt`` (an opening of the world's
-  captions, which the LM pretrained on). Captioning only, at 0 shots: MAGiC has no way to show
+  captions, which the LM pretrained on), cut after their first full stop. Captioning only, at 0 shots: MAGiC has no way to show
   demonstrations.
 * ``socratic``: the frozen LM reads MAGiC's captions in place of the images. VQA: the query's
   caption, question and ``Short answer:`` in the LM's pretraining layout (``QA_FORMAT`` after a
@@ -34,6 +34,13 @@ MODES = ("magic", "socratic")
 SHAPES_QA = "{context} Question:{question} Short answer:{answer}"
 
 
+def first_sentence(text: str) -> str:
+  """``text`` up to and including its first full stop (all of it when it has none): a caption
+  of the shapes world is one sentence, and an LM that has not learnt to end there runs on."""
+  head, stop, _ = text.partition(".")
+  return (head + stop).strip()
+
+
 class MagicCaptioner:
   """MAGiC captions of images, each decoded once (keyed by its pixels), in batches of one shape
   (the last one padded) so that the decoding compiles once."""
@@ -58,7 +65,7 @@ class MagicCaptioner:
           [image for _, image in padded], weight=self.weight,
           num_candidates=self.num_candidates, max_new_tokens=self.max_new_tokens)
       for (key, _), text in zip(chunk, out.text):
-        self.captions[key] = f"{self.prompt}{text}".strip()
+        self.captions[key] = first_sentence(f"{self.prompt}{text}")
     return [self.captions[key] for key in keys]
 
 
