@@ -32,7 +32,6 @@ from xattn_vlm import console
 from xattn_vlm import lock
 from xattn_vlm import recipe
 from xattn_vlm.eval import runner
-from xattn_vlm.eval import tasks
 from xattn_vlm.inference import Processor
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models import parameters
@@ -115,15 +114,8 @@ def _training_free_rows(config: ml_collections.ConfigDict, workdir: pathlib.Path
   cfg = recipe.stage_config(config, "flamingo", workdir)
   processor = Processor.from_model_config(cfg.model, input_pipeline.tokenizer_for(cfg))
   began = time.perf_counter()
-  data: dict[str, Any] = {}
-
-  def load_data(task: str):
-    if task not in data:
-      data[task] = tasks.load_data(task, config.eval, processor.image_size)
-    return data[task]
-
   results = training_free.evaluate(pretrained["lm_pretrain"], pretrained["vision_pretrain"],
-                                   processor, config.eval, names, config.training_free, load_data)
+                                   processor, config.eval, names, config.training_free)
   seconds = time.perf_counter() - began
   return {name: {"trainable_parameters": 0, "step_time": float("nan"), "eval_seconds": seconds,
                  "results": _means(results[name])} for name in names}

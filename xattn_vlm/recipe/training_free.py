@@ -3,8 +3,8 @@ time only (``inference.training_free``), scored on the evaluation's own shapes-w
 
 * ``magic``: captions by MAGiC decoding of the frozen LM (``lm_pretrain``) re-ranked by the
   contrastive towers (``vision_pretrain``), from ``caption_prompt`` (an opening of the world's
-  captions, which the LM pretrained on), cut after their first full stop. Captioning only, at 0 shots: MAGiC has no way to show
-  demonstrations.
+  captions, which the LM pretrained on), cut after their first full stop. Captioning only, at 0
+  shots: MAGiC has no way to show demonstrations.
 * ``socratic``: the frozen LM reads MAGiC's captions in place of the images. VQA: the query's
   caption, question and ``Short answer:`` in the LM's pretraining layout (``QA_FORMAT`` after a
   description), after the shots' demonstrations written the same way (drawn as the evaluation
@@ -17,13 +17,14 @@ Each image is captioned once per run, whatever number of prompts shows it.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
 from xattn_vlm.data.shapes import world as shapes_world
 from xattn_vlm.eval import demos as demos_lib
+from xattn_vlm.eval import runner
 from xattn_vlm.eval import tasks as tasks_lib
 from xattn_vlm.inference import Processor, training_free
 from xattn_vlm.models.contrastive import DualEncoder
@@ -140,16 +141,15 @@ def socratic_binding(lm: DecoderLM, processor: Processor, captioner: MagicCaptio
 
 def evaluate(lm: DecoderLM, towers: DualEncoder, processor: Processor,
              eval_config: ml_collections.ConfigDict, modes: Sequence[str],
-             settings: ml_collections.ConfigDict,
-             load_data: Callable[[str], tasks_lib.TaskData]) -> dict[str, dict]:
+             settings: ml_collections.ConfigDict) -> dict[str, dict]:
   """``{mode: {task: {shots: [score per trial]}}}`` for each of ``modes`` on the shapes tasks
-  of ``eval_config``; ``settings``: ``caption_prompt``, ``magic_weight``, ``magic_candidates``;
-  ``load_data(task name)`` gives a task's records."""
+  of ``eval_config``; ``settings``: ``caption_prompt``, ``magic_weight``, ``magic_candidates``."""
   captioner = MagicCaptioner(lm, towers, processor, prompt=settings.caption_prompt,
                              weight=settings.magic_weight,
                              num_candidates=settings.magic_candidates,
                              batch_size=eval_config.batch_size)
-  names = [n.strip() for n in eval_config.tasks.split(",")]
+  names = runner.task_names(eval_config)
+  load_data = lambda name: tasks_lib.load_data(name, eval_config, processor.image_size)
   shots = sorted(int(s) for s in eval_config.shots)
   trials = range(eval_config.trials)
   out: dict[str, dict] = {}
