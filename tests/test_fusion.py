@@ -469,6 +469,23 @@ def test_the_fusion_comparison_writes_its_table_and_plot(tmp_path):
     fusion_recipe.modes(config)
 
 
+def test_training_free_modes_without_their_settings_fail_at_start():
+  config = experiment_config("shapes_tiny", "fusion_smoke")
+  assert fusion_recipe.modes(config) == ["xattn", "prefix", "joint", "magic", "socratic"]
+  config.training_free.magic_weight = -1.0
+  with pytest.raises(ValueError, match=r"config.training_free \(magic_weight.*weight must be"):
+    fusion_recipe.modes(config)
+  config.training_free.caption_prompt = " "
+  with pytest.raises(ValueError, match="config.training_free.caption_prompt"):
+    fusion_recipe.modes(config)
+  del config.training_free["magic_candidates"]
+  with pytest.raises(ValueError, match=r"config.training_free: .*missing \['magic_candidates'\]"):
+    fusion_recipe.modes(config)
+  del config.training_free
+  config.fusion_modes = "xattn,prefix"
+  assert fusion_recipe.modes(config) == ["xattn", "prefix"]
+
+
 def test_the_fusion_table_has_a_row_per_mode_and_a_column_per_task_and_shots(tmp_path):
   rows = {mode: {"trainable_parameters": 1000 * (i + 1), "step_time": 0.25, "eval_seconds": 12.0,
                  "results": {"shapes_vqa": {0: 10.0 + i, 4: 20.0 + i},

@@ -45,12 +45,15 @@ TABLE, FIGURE, SUMMARY = "fusion.md", "fusion.png", "fusion.json"
 
 
 def modes(config: ml_collections.ConfigDict) -> list[str]:
-  """``config.fusion_modes`` ("xattn,prefix,joint,magic,socratic") as a checked list."""
+  """``config.fusion_modes`` ("xattn,prefix,joint,magic,socratic") as a checked list, with
+  ``config.training_free`` checked when a training-free mode is in it (before any training)."""
   names = [m.strip() for m in config.fusion_modes.split(",")]
   known = (*model_config.FUSION_MODES, *training_free.MODES)
   for name in names:
     if name not in known:
       raise ValueError(f"config.fusion_modes: expected modes from {known}, got {name!r}")
+  if any(name in training_free.MODES for name in names):
+    training_free.check_settings(config.get("training_free") or {})
   return names
 
 

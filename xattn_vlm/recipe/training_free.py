@@ -31,6 +31,8 @@ from xattn_vlm.models.contrastive import DualEncoder
 from xattn_vlm.models.lm import DecoderLM
 
 MODES = ("magic", "socratic")
+# What ``config.training_free`` must hold (see ``evaluate``).
+SETTINGS = ("caption_prompt", "magic_weight", "magic_candidates")
 # The shapes world's QA text ("<description> Question:<q> Short answer:<a>"), one space apart.
 SHAPES_QA = "{context} Question:{question} Short answer:{answer}"
 
@@ -40,6 +42,21 @@ def first_sentence(text: str) -> str:
   of the shapes world is one sentence, and an LM that has not learnt to end there runs on."""
   head, stop, _ = text.partition(".")
   return (head + stop).strip()
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+  """Raises, naming ``config.training_free``, on settings the modes cannot run with."""
+  missing = [key for key in SETTINGS if key not in settings]
+  if missing:
+    raise ValueError(f"config.training_free: expected {SETTINGS}; missing {missing}")
+  if not isinstance(settings["caption_prompt"], str) or not settings["caption_prompt"].strip():
+    raise ValueError(f"config.training_free.caption_prompt: expected a non-empty text, got "
+                     f"{settings['caption_prompt']!r}")
+  try:
+    training_free.MagicConfig(weight=settings["magic_weight"],
+                              num_candidates=settings["magic_candidates"])
+  except ValueError as error:
+    raise ValueError(f"config.training_free (magic_weight, magic_candidates): {error}") from None
 
 
 class MagicCaptioner:
