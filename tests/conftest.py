@@ -32,3 +32,13 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+def pytest_collection_modifyitems(items):
+  """Test files with slow tests run first: with `-n 2 --dist loadfile --no-loadscopereorder` the
+  two workers then share the long files and finish together on short ones."""
+  def has_slow(item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+  slow_files = {item.path for item in items if has_slow(item)}
+  items.sort(key=lambda item: item.path not in slow_files)
