@@ -35,7 +35,7 @@ def _release_compiled_programs():
 
 
 def pytest_collection_modifyitems(items):
-  """Test files with slow tests run first: with `-n 2 --dist loadfile --no-loadscopereorder` the
+  """Test files with slow tests run first: with `-n 2 --dist loadfile --no-loadscope-reorder` the
   two workers then share the long files and finish together on short ones."""
   def has_slow(item) -> bool:
     return item.get_closest_marker("slow") is not None
