@@ -15,6 +15,7 @@ from xattn_vlm.inference import (MagicConfig, Processor, greedy_text, magic_gene
                                  magic_tokens, socratic_answer, socratic_prompt)
 from xattn_vlm.models import config as model_config
 from xattn_vlm.models import flamingo as flamingo_lib
+from xattn_vlm.models import layers
 from xattn_vlm.models.contrastive import DualEncoder
 from xattn_vlm.models.flamingo import Flamingo
 from xattn_vlm.models.lm import DecoderLM
@@ -27,9 +28,13 @@ IMG, EOC = V, V + 1
 N = model_config.tiny().resampler.num_latents  # <image> tokens per image in prefix/joint
 
 
-def _config(fusion: str):
+def _config(fusion: str, family: str = "gpt2"):
+  """``tiny`` under ``fusion``; ``family="mpt"``: its LM with ALiBi in place of positions."""
   config = model_config.tiny()
   config.fusion = fusion
+  if family == "mpt":
+    config.lm = model_config.lm_config(family="mpt", vocab_size=V, num_layers=2, embed_dim=32,
+                                       num_heads=4, mlp_dim=64, max_length=64)
   return config
 
 
@@ -158,11 +163,12 @@ def _decode_all(model, images, ids, mask, prompt_len):
   return jnp.concatenate(steps, axis=1)
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "joint"])
-def test_prefill_and_decode_reproduce_the_full_forward(fusion):
+@pytest.mark.parametrize("fusion,family", [("prefix", "gpt2"), ("joint", "gpt2"),
+                                           ("joint", "mpt")])
+def test_prefill_and_decode_reproduce_the_full_forward(fusion, family):
   """Must-show 3. The prompt (both images) is prefilled, then text tokens are decoded one by one;
   sample 1 is left padded. Under joint fusion the full forward's prefix is the prompt."""
-  model = Flamingo(_config(fusion), rngs=nnx.Rngs(4))
+  model = Flamingo(_config(fusion, family), rngs=nnx.Rngs(4))
   ids = jnp.concatenate([jnp.zeros((2, 2), jnp.int32), IDS, jnp.array([[20, 21, EOC]] * 2)],
                         axis=1).at[0, :2].set(jnp.array([3, 4]))
   mask = jnp.ones_like(ids).at[1, :2].set(0)
@@ -180,10 +186,12 @@ def test_prefill_and_decode_reproduce_the_full_forward(fusion):
                            np.asarray(full[:, :prompt_len - 1]), atol=1e-4)
 
 
-def test_joint_attention_is_bidirectional_over_the_prefix_and_causal_after():
+@pytest.mark.parametrize("family", ["gpt2", "mpt"])
+def test_joint_attention_is_bidirectional_over_the_prefix_and_causal_after(family):
   """Must-show 2: a change at a later position never changes an earlier logit outside the
-  prefix; a change inside the prefix reaches every prefix position, before it too."""
-  model = Flamingo(_config("joint"), rngs=nnx.Rngs(6))
+  prefix; a change inside the prefix reaches every prefix position, before it too. MPT: the
+  same under ALiBi."""
+  model = Flamingo(_config("joint", family), rngs=nnx.Rngs(6))
   images, length = _images(7), IDS.shape[1]
   boundary = int(np.nonzero(np.asarray(IDS[0] == IMG))[0][N - 1]) + 2  # first image + one word
   prefix_end = jnp.full((2,), boundary)
@@ -205,6 +213,20 @@ def test_joint_attention_is_bidirectional_over_the_prefix_and_causal_after():
                                 _forward(causal, images, IDS)[0, 0])
   with pytest.raises(ValueError, match="prefix_end must be given"):
     model(images, IDS)
+
+
+def test_alibi_penalises_distance_both_ways_over_a_bidirectional_prefix():
+  """MPT's bias -m|q - k|: over the causal part (k <= q) it is MPT's -m(q - k); over a joint
+  prefix a key after the query is penalised by its distance as one before it is, never
+  rewarded."""
+  slopes = layers.alibi_slopes(4)
+  bias = np.asarray(layers.alibi_bias(slopes, jnp.arange(6), jnp.arange(6)))
+  q, k = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+  causal = k <= q
+  mpt = -np.asarray(slopes)[:, None, None] * (q - k)[None]
+  np.testing.assert_allclose(bias[:, causal], mpt[:, causal], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(bias, np.swapaxes(bias, 1, 2), rtol=0, atol=1e-6)
+  assert (bias[:, ~causal] < 0).all()
 
 
 def test_joint_trains_every_parameter_the_tower_included():

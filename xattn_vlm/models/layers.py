@@ -286,13 +286,14 @@ def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> jax.Array:
 
 
 def alibi_bias(slopes: jax.Array, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
-  """The additive ALiBi bias ``-m_h * (query_slot - key_slot)``: [H, L, S] float32.
+  """The additive ALiBi bias ``-m_h * |query_slot - key_slot|``: [H, L, S] float32.
 
   Slots, not token positions: left padding counts, as in MPT's and Hugging Face's code (their
   bias ``m_h * (key_slot - last_slot)`` differs from this one by a constant per query row, which
-  the softmax cancels).
+  the softmax cancels). The distance is absolute so that a bidirectional prefix (joint fusion)
+  penalises later keys as it does earlier ones; under a causal mask it is MPT's bias.
   """
-  distance = (query_slots[:, None] - key_slots[None, :]).astype(jnp.float32)  # [L, S]
+  distance = jnp.abs(query_slots[:, None] - key_slots[None, :]).astype(jnp.float32)  # [L, S]
   return -slopes[:, None, None] * distance[None]
 
 
