@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -339,7 +339,10 @@ class Evaluator:
 
   def run_cell(self, cell: Cell, bar: tqdm.tqdm) -> dict[str, float]:
     """Predicts this process's pending queries of a cell batch by batch, logging each batch,
-    then scores the cell from every process's log."""
+    then scores the cell from every process's log. A batch's prompts are prepared and its work
+    dispatched before the previous batch's outputs are waited for, so the host's share of a
+    batch runs while the device computes the one before; a batch is logged once its outputs
+    are back."""
     queries = self.queries(cell.task.name)
     log = results_lib.PredictionLog(cell.log_path(self.output_dir, self.process, self.processes))
     pending = set(log.pending([q["id"] for q in queries]))
@@ -352,17 +355,20 @@ class Evaluator:
       if self.vision_features is not None:
         self.vision_features.precompute([image for prompt, _ in prompts
                                          for image in prompt.images])
+      predict = self._classify if cell.task.kind == "classification" else self._generate
+      in_flight = []  # (batch, a function that waits for its outputs)
       for indices in self._batches(cell, prompts):
         batch = [(queries[i], prompts[i]) for i in indices]
         if not any(query["id"] in pending for query, _ in batch):
           continue  # logged before a restart: the batches are the same fixed slices
         if self.config.group_by_length:
           length = self._bucket(cell, max(self._token_count(prompts[i][0]) for i in indices))
-        predict = self._classify if cell.task.kind == "classification" else self._generate
-        outputs = predict(cell, [prompt for _, (prompt, _) in batch], length, num_images)
-        log.write({"id": query["id"], **output, "reference": ref}
-                  for (query, (_, ref)), output in zip(batch, outputs))
-        bar.update(len(batch))
+        in_flight.append((batch, predict(cell, [prompt for _, (prompt, _) in batch], length,
+                                         num_images)))
+        if len(in_flight) > 1:
+          self._log(log, *in_flight.pop(0), bar)
+      for batch, outputs in in_flight:
+        self._log(log, batch, outputs, bar)
     self._prompts.pop(cell, None)
     if self.processes > 1:
       multihost_utils.sync_global_devices(f"evaluated {cell.name}")
@@ -372,6 +378,13 @@ class Evaluator:
     if cell.task.kind == "classification":
       return tasks_lib.score_classes(cell.task, records)
     return tasks_lib.score_generations(cell.task, records)
+
+  @staticmethod
+  def _log(log: results_lib.PredictionLog, batch: Sequence, outputs: Callable[[], list[dict]],
+           bar: tqdm.tqdm) -> None:
+    log.write({"id": query["id"], **output, "reference": ref}
+              for (query, (_, ref)), output in zip(batch, outputs()))
+    bar.update(len(batch))
 
   def _token_count(self, prompt: fewshot.FewShotPrompt) -> int:
     if prompt.text not in self._token_counts:
@@ -435,7 +448,8 @@ class Evaluator:
     return [p.text for p in padded], [p.images for p in padded]
 
   def _generate(self, cell: Cell, prompts: Sequence[fewshot.FewShotPrompt], length: int,
-                num_images: int) -> list[dict[str, Any]]:
+                num_images: int) -> Callable[[], list[dict[str, Any]]]:
+    """Dispatches the batch's generation; returns the function that waits for its outputs."""
     tokenizer = self.processor.tokenizer
     texts, images = self._model_inputs(prompts)
     batch = self.processor(texts, images, pad_to_length=length, max_images=num_images,
@@ -445,23 +459,28 @@ class Evaluator:
         length_penalty=self.config.length_penalty,
         stop_token_ids=(tokenizer.eoc_token_id, tokenizer.eos_token_id),
         pad_token_id=tokenizer.pad_token_id, suppress_token_ids=(tokenizer.media_token_id,))
-    out = jax.device_get(decoding.generate_tokens(self.model, self.placement.batch(batch), config))
-    outputs = []
-    for tokens, count, stopped in list(zip(out.tokens, out.lengths, out.stopped))[:len(prompts)]:
-      text = tokenizer.decode(tokens[:count - int(stopped)])
-      outputs.append({"output": text, "prediction": cell.task.postprocess(text)})
+    dispatched = decoding.generate_tokens(self.model, self.placement.batch(batch), config)
+
+    def outputs() -> list[dict[str, Any]]:
+      out = jax.device_get(dispatched)
+      texts = [tokenizer.decode(tokens[:count - int(stopped)]) for tokens, count, stopped in
+               list(zip(out.tokens, out.lengths, out.stopped))[:len(prompts)]]
+      return [{"output": text, "prediction": cell.task.postprocess(text)} for text in texts]
     return outputs
 
   def _classify(self, cell: Cell, prompts: Sequence[fewshot.FewShotPrompt], length: int,
-                num_images: int) -> list[dict[str, Any]]:
+                num_images: int) -> Callable[[], list[dict[str, Any]]]:
+    """Scores the batch's class names (the host waits for them: one program per candidate
+    chunk); returns a function giving the outputs."""
     texts, images = self._model_inputs(prompts)
     scores = scoring.score(self.model, self.processor, texts,
                            list(self.data(cell.task.name).class_names), images,
                            candidate_batch_size=self.config.candidate_batch_size or None,
                            pad_to_length=length, max_images=num_images,
                            vision_features=self.vision_features)
-    return [{"scores": [float(x) for x in row]}
-            for row in scores.mean_log_probs[:len(prompts)]]
+    outputs = [{"scores": [float(x) for x in row]}
+               for row in scores.mean_log_probs[:len(prompts)]]
+    return lambda: outputs
 
   def write_results(self, results: Mapping[str, Mapping[int, Sequence[float]]]) -> None:
     """results.json (per-trial scores, mean, std and the settings) and results.md."""
