@@ -135,17 +135,13 @@ def recipe_step(config_path: str, *, steps: int, repeats: int) -> dict[str, floa
   """The recipe's Flamingo stage: median ms to draw one step's batches (over ``repeats`` runs of
   ``steps`` steps), and median ms of the jitted train step on such batches."""
   # pylint: disable=import-outside-toplevel  # the trainer is only needed in this mode
-  import importlib.util
   import jax
-  from xattn_vlm.train import input_pipeline, trainer
+  from xattn_vlm.train import configs, input_pipeline, trainer
 
   if not pathlib.Path(config_path).is_file():
     raise ValueError(f"--recipe: expected a recipe config file such as "
                      f"experiments/shapes_tiny.py, got {config_path!r} (no such file)")
-  spec = importlib.util.spec_from_file_location("recipe_config", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config().stages.flamingo
+  config = configs.load_file(config_path).get_config().stages.flamingo
   config.init.lm_workdir = config.init.vision_workdir = ""  # random towers: timing only
   iterator = input_pipeline.create_iterator(config)
   try:

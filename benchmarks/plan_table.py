@@ -21,7 +21,6 @@ of the scanned paper configs takes 4-6 minutes and up to 11 GB of memory on a 2-
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -35,6 +34,7 @@ from absl import flags
 
 from xattn_vlm import cli
 from xattn_vlm.plan import report
+from xattn_vlm.train import configs
 from xattn_vlm.train import sharding
 from xattn_vlm.train.configs import MESH_AXES
 
@@ -79,9 +79,7 @@ def chips(topology: str) -> int:
 def planned_mesh(config: str, preset: str, devices: int) -> dict[str, int]:
   """The mesh the plan of ``experiments/<config>.py:<preset>`` on ``devices`` uses (the preset's,
   fitted to them: ``sharding.fitted_mesh_shape``)."""
-  spec = importlib.util.spec_from_file_location(config, REPO / "experiments" / f"{config}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = configs.load_file(REPO / "experiments" / f"{config}.py")
   shape = sharding.fitted_mesh_shape(module.get_config(preset).mesh, devices)
   return dict(zip(MESH_AXES, shape))
 

@@ -48,11 +48,7 @@ BINDING_SHOTS = 4
 
 def _shapes_tiny():
   # The vision tower and its pretraining are shapes_tiny's: one place for them.
-  spec = importlib.util.spec_from_file_location(
-      "shapes_tiny", pathlib.Path(__file__).resolve().parent / "shapes_tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.load_file(pathlib.Path(__file__).resolve().parent / "shapes_tiny.py")
 
 
 def default_gguf() -> str:

@@ -5,7 +5,6 @@ spawns a fresh Python that must build exactly what the test itself built)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pathlib
 import random
@@ -19,6 +18,7 @@ from xattn_vlm.data import default_tokenizer
 from xattn_vlm.data import pipeline
 from xattn_vlm.data import sources
 from xattn_vlm.data.shapes import world as shapes_world
+from xattn_vlm.train import configs
 from xattn_vlm.train import metrics as metrics_lib
 from xattn_vlm.train import sharding as sharding_lib
 
@@ -42,10 +42,7 @@ def random_seed(what: str) -> int:
 
 def experiment_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """``experiments/<name>.py``'s ``get_config(arg)``."""
-  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configs.load_file(REPO / "experiments" / f"{name}.py").get_config(arg)
 
 
 def tiny(preset: str = "flamingo", **overrides) -> ml_collections.ConfigDict:

@@ -2,7 +2,6 @@
 and train state of that config can be built abstractly on the mesh it asks for (an AbstractMesh,
 so paper-size meshes are checked here too, FSDP check and batch divisibility included)."""
 
-import importlib.util
 import math
 import pathlib
 
@@ -28,10 +27,7 @@ PRESETS = {
 
 
 def _module(name):
-  spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.load_file(EXPERIMENTS / f"{name}.py")
 
 
 def _abstract_mesh(config) -> AbstractMesh:

@@ -36,6 +36,11 @@ Fields (``base_config``):
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+import types
+
 import ml_collections
 
 from xattn_vlm.models import config as model_config
@@ -117,6 +122,19 @@ def dataset(source: str, *, batch_size: int, weight: float = 1.0,
   its loss weight lambda_m and the source's own arguments."""
   return ml_collections.ConfigDict(dict(source=source, batch_size=batch_size, weight=weight,
                                         **kwargs))
+
+
+def load_file(path: str | os.PathLike) -> types.ModuleType:
+  """A config file (``experiments/<name>.py``) loaded by its path, as ``--config`` loads it; its
+  ``get_config(preset)`` builds the config."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  if spec is None or not path.is_file():
+    raise ValueError(f"config file: expected a Python file such as experiments/shapes_tiny.py, "
+                     f"got {str(path)!r} (no such file)")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
