@@ -153,10 +153,12 @@ def plot(rows: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
   tasks = sorted({task for row in rows.values() for task in row["results"]})
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
-    for mode, row in rows.items():
+    for i, (mode, row) in enumerate(rows.items()):
       by_shot = row["results"].get(task, {})
+      if not by_shot:  # a training-free mode without this task: no line, no legend entry
+        continue
       shots = sorted(by_shot)
-      ax.plot(shots, [by_shot[s] for s in shots], marker="o", label=mode)
+      ax.plot(shots, [by_shot[s] for s in shots], marker="o", label=mode, color=f"C{i}")
     shots = sorted({s for row in rows.values() for s in row["results"].get(task, {})})
     ax.set(title=report.TITLES.get(task, task), xlabel="shots", xticks=shots)
     ax.legend(fontsize="small")
