@@ -26,6 +26,7 @@ Presets: ``recipe`` (default), ``smoke``, or one stage (``vision_pretrain``, ``f
 optionally with ``steps=N``; ``gguf=PATH`` sets the LM file.
 """
 
+import functools
 import importlib.util
 import pathlib
 
@@ -46,6 +47,7 @@ MAX_MEDIA = 17  # images: 16 demonstrations and the query
 BINDING_SHOTS = 4
 
 
+@functools.cache
 def _shapes_tiny():
   # The vision tower and its pretraining are shapes_tiny's: one place for them.
   return configs.load_file(pathlib.Path(__file__).resolve().parent / "shapes_tiny.py")

@@ -66,13 +66,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   names = modes(config)
-  pretrained = {}
+  free = [name for name in names if name in training_free.MODES]
+  pretrained = {}  # the towers as models, for the training-free modes alone
   for stage in ("lm_pretrain", "vision_pretrain"):
     stage_cfg = recipe.stage_config(config, stage, workdir)
     state = trainer.train(stage_cfg, str(workdir / stage))
     if int(state.step) < stage_cfg.total_steps:
       return {"stopped": stage}
-    pretrained[stage] = recipe.stage_model(stage_cfg, state.params)
+    if free:
+      pretrained[stage] = recipe.stage_model(stage_cfg, state.params)
   rows = {}
   for mode in (name for name in names if name in model_config.FUSION_MODES):
     cfg = recipe.stage_config(config, "flamingo", workdir)
@@ -93,7 +95,6 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         "eval_seconds": time.perf_counter() - began,
         "results": _means(results),
     }
-  free = [name for name in names if name in training_free.MODES]
   if free:
     rows.update(_training_free_rows(config, workdir, free, pretrained))
   rows = {name: rows[name] for name in names}
