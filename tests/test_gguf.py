@@ -369,6 +369,21 @@ def test_damaged_files_are_named(tmp_path, tiny_gguf):
       convert.load_hf_lm(tmp_path / name)
 
 
+def test_an_unchanged_file_is_parsed_once_and_a_rewritten_one_again(tmp_path, tiny_gguf,
+                                                                    monkeypatch):
+  parsed = []
+  reader = gguf.GGUFReader
+  monkeypatch.setattr(gguf, "GGUFReader", lambda path: parsed.append(path) or reader(path))
+  tensors = _gguf_tensors(tiny_gguf[1])
+  path = _write_gguf(tmp_path / "lm.gguf", tensors=tensors)
+  norm = np.array(gguf_file.GGUFCheckpoint(path).get("model.norm.weight"))  # not the mmap
+  gguf_file.lm_config_from_gguf(str(path))
+  assert len(parsed) == 1
+  _write_gguf(path, tensors={**tensors, "output_norm.weight": 2 * tensors["output_norm.weight"]})
+  np.testing.assert_array_equal(gguf_file.GGUFCheckpoint(path).get("model.norm.weight"), 2 * norm)
+  assert len(parsed) == 2
+
+
 def test_other_architectures_are_refused_in_one_line(tmp_path):
   path = _write_gguf(tmp_path / "qwen.gguf", arch="qwen2",
                      tensors={"token_embd.weight": np.zeros((8, WIDTH))})

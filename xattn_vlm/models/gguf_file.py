@@ -12,6 +12,7 @@ numpy: no torch, no llama.cpp.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pathlib
@@ -109,7 +110,23 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def _as_file(file: GGUFFile | str | os.PathLike) -> GGUFFile:
-  return file if isinstance(file, GGUFFile) else GGUFFile(file)
+  """``file`` opened, once per process for a file unchanged since: a recipe reads the same file's
+  config, tokenizer and weights several times, and parsing SmolLM2's header (a 49k-token
+  vocabulary as metadata) takes about 5 s."""
+  if isinstance(file, GGUFFile):
+    return file
+  path = pathlib.Path(file)
+  try:
+    stat = path.stat()
+  except OSError:
+    return GGUFFile(path)  # fails, naming the file
+  return _open(str(path.resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: str, version: tuple[int, int, int]) -> GGUFFile:
+  del version  # part of the cache key only: a rewritten file is opened anew
+  return GGUFFile(path)
 
 
 def hf_tensor_name(name: str) -> str | None:
