@@ -4,9 +4,8 @@ import gc
 import os
 import pathlib
 
-# LLVM's optimisation off: the suite's tiny programs spend far longer compiling than running
-# (test_scan.py: 126 s to 70 s, the SmolLM2 smoke 330 s to 270 s; the shapes_tiny smoke, which
-# trains longest, 162 s to 191 s).
+# LLVM's optimisation off: the suite's tiny programs spend longer compiling than running
+# (docs/performance.md, "The test suite"). Subprocesses inherit these flags.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"

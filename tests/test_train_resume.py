@@ -20,8 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 10
 OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 2}
 ENV = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    os.environ,  # with conftest's XLA_FLAGS: the same devices and code as the in-process runs
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
