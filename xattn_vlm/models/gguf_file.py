@@ -120,7 +120,7 @@ def _as_file(file: GGUFFile | str | os.PathLike) -> GGUFFile:
     stat = path.stat()
   except OSError:
     return GGUFFile(path)  # fails, naming the file
-  return _open(str(path.resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+  return _open(str(path.absolute()), (stat.st_ino, stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=4)
