@@ -41,7 +41,7 @@ RUNS = "runs/shapes_smollm"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAGES = ("vision_pretrain", "flamingo")
 STEPS = {"vision_pretrain": 150, "flamingo": 300}
-SMOKE_STEPS = {"vision_pretrain": 20, "flamingo": 4}
+SMOKE_STEPS = {"vision_pretrain": 20, "flamingo": 2}
 CONTEXT = 640  # tokens: a 16-shot captioning prompt (about 560 with SmolLM2's tokenizer) + 20 new
 MAX_MEDIA = 17  # images: 16 demonstrations and the query
 BINDING_SHOTS = 4
@@ -126,8 +126,10 @@ def recipe_config(smoke: bool, gguf: str) -> ml_collections.ConfigDict:
   evaluation.batch_size = 8
   evaluation.num_beams = 1 if smoke else 3
   # A 16-shot prompt is about 560 tokens, a 0-shot one about 30: padding every cell to the
-  # longest, as shapes_tiny does to compile once, made a 0-shot query take 2 s here.
+  # longest, as shapes_tiny does to compile once, made a 0-shot query take 2 s here. The smoke
+  # test's few short prompts do compile once per task: compiling is most of its time.
   evaluation.one_shape_per_task = smoke
+  evaluation.group_by_length = not smoke
   evaluation.shapes.num_queries = 4 if smoke else 64
   evaluation.shapes.pool_size = 64 if smoke else _shapes_tiny().POOL_SIZE
   return ml_collections.ConfigDict(dict(
