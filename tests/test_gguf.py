@@ -376,12 +376,21 @@ def test_an_unchanged_file_is_parsed_once_and_a_rewritten_one_again(tmp_path, ti
   monkeypatch.setattr(gguf, "GGUFReader", lambda path: parsed.append(path) or reader(path))
   tensors = _gguf_tensors(tiny_gguf[1])
   path = _write_gguf(tmp_path / "lm.gguf", tensors=tensors)
-  norm = np.array(gguf_file.GGUFCheckpoint(path).get("model.norm.weight"))  # not the mmap
+  norm = gguf_file.GGUFCheckpoint(path).get("model.norm.weight")
   gguf_file.lm_config_from_gguf(str(path))
   assert len(parsed) == 1
   _write_gguf(path, tensors={**tensors, "output_norm.weight": 2 * tensors["output_norm.weight"]})
   np.testing.assert_array_equal(gguf_file.GGUFCheckpoint(path).get("model.norm.weight"), 2 * norm)
   assert len(parsed) == 2
+
+
+def test_a_tensor_read_is_a_copy_that_outlives_a_rewrite_of_the_file(tmp_path, tiny_gguf):
+  tensors = _gguf_tensors(tiny_gguf[1])
+  path = _write_gguf(tmp_path / "lm.gguf", tensors=tensors)
+  norm = gguf_file.GGUFFile(path).tensor("output_norm.weight")  # stored as F32: no dequantising
+  assert norm.flags.writeable
+  _write_gguf(path, tensors={**tensors, "output_norm.weight": 2 * tensors["output_norm.weight"]})
+  np.testing.assert_array_equal(norm, tensors["output_norm.weight"])
 
 
 def test_other_architectures_are_refused_in_one_line(tmp_path):

@@ -95,7 +95,10 @@ class GGUFFile:
       raise NotImplementedError(f"tensor {name!r} of GGUF file {str(self.path)!r} is stored as "
                                 f"{tensor.tensor_type.name}, which the gguf package cannot "
                                 "dequantise") from e
-    return np.asarray(values, np.float32).reshape(self.tensor_shape(name))
+    values = np.asarray(values, np.float32).reshape(self.tensor_shape(name))
+    # An F32 tensor comes back as a view of the memory-mapped file: copied, so that it stays
+    # what was read (and writable) whatever later happens to the file.
+    return values.copy() if np.may_share_memory(values, tensor.data) else values
 
   def _tensor(self, name: str):
     if name not in self._tensors:
