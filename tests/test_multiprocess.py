@@ -25,7 +25,10 @@ from xattn_vlm.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+# The launcher forces each process's device count; conftest's other flags go with it, so the
+# processes compile as this one does.
+ENV = {**os.environ, "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                         os.environ.get("XLA_FLAGS", "")).strip()}
 
 
 def _launch(tmp_path, name: str, launcher_args, command,
