@@ -125,9 +125,9 @@ def recipe_config(smoke: bool, gguf: str) -> ml_collections.ConfigDict:
   evaluation.trials = 1 if smoke else 2
   evaluation.batch_size = 8
   evaluation.num_beams = 1 if smoke else 3
-  # A 16-shot prompt is about 560 tokens, a 0-shot one about 30: padding every cell to the
-  # longest, as shapes_tiny does to compile once, made a 0-shot query take 2 s here. The smoke
-  # test's few short prompts do compile once per task: compiling is most of its time.
+  # A 16-shot prompt is about 560 tokens, a 0-shot one about 30: padded to the longest, a 0-shot
+  # query took 2 s here, so the recipe pads each batch to its length group. The smoke test's few
+  # short prompts take one shape per task instead: compiling is most of its time.
   evaluation.one_shape_per_task = smoke
   evaluation.group_by_length = not smoke
   evaluation.shapes.num_queries = 4 if smoke else 64
